@@ -1,0 +1,24 @@
+"""avalanche-drcpsd: Dream Replay with CLIP Projection Stable Diffusion (DR-CPSD) for Avalanche."""
+
+from .config import ConfigError, DRCPSDConfig
+from .cpsd import CPSDProjection, EmbeddingBuffer
+from .generator import DiffusionGenerator
+from .logging import MetricsCSVLogger
+from .plugins import CPSDGeneratorPlugin, DistillPlugin, DreamReplayPlugin, MMDPlugin
+from .strategy import DRCPSD
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DRCPSD",
+    "DRCPSDConfig",
+    "ConfigError",
+    "CPSDGeneratorPlugin",
+    "DreamReplayPlugin",
+    "MMDPlugin",
+    "DistillPlugin",
+    "DiffusionGenerator",
+    "CPSDProjection",
+    "EmbeddingBuffer",
+    "MetricsCSVLogger",
+]

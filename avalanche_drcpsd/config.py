@@ -1,0 +1,256 @@
+"""One typed, validated configuration object for DR-CPSD.
+
+Every field has the default of the reference implementation (``../shared/REFERENCE.md``) unless the field
+only exists in this package (the offline generator, the CPU budget knobs); those are marked *package*.
+Profiles (``experiments/*.json``) override fields for a machine or a benchmark.
+
+All validation happens in ``__post_init__``: an invalid value raises :class:`ConfigError`, which names the
+field, the bad value and what was expected, before any model is built or any data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+__all__ = ["ConfigError", "DRCPSDConfig"]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value (the message names the field, the value and what was expected)."""
+
+
+_CHOICES = {
+    "generator": ("unet", "stable_diffusion"),
+    "projection": ("token", "hidden"),
+    "mmd_kind": ("mean", "gaussian"),
+    "sampler": ("dpm", "ddim"),
+    "student_init": ("average", "ema"),
+    "distill_targets": ("split", "both"),
+    "cpsd_order": ("after_generator", "before_generator"),
+}
+
+
+@dataclass
+class DRCPSDConfig:
+    """Hyper-parameters of DR-CPSD (strategy-level knobs such as epochs and batch size stay on the strategy).
+
+    Groups: *CPSD embedding* (projection of the frozen text encoder's token states), *generator* (the
+    class-conditioned diffusion model), *sampling*, *dream replay* (student, isolation and distillation losses).
+    """
+
+    # --- CPSD embedding -------------------------------------------------------------------------------
+    prompt_template: str = "a photo of a {}"
+    #: ``token``: Linear(L, L) across the token positions (reference); ``hidden``: Linear(D, D) per token.
+    projection: str = "token"
+    cpsd_epochs: int = 1
+    cpsd_lr: float = 1e-4
+    cpsd_batch_size: int = 4
+    #: *package*: cap on the real images of a class seen by the CPSD phase (None: all of them).
+    cpsd_max_images_per_class: Optional[int] = None
+    #: lambda in L_CPSD = L_LDM + lambda * L_MMD (Real-Fake, Yuan et al. 2024).
+    lambda_mmd: float = 0.003
+    #: ``mean``: the reference's mean match (linear-kernel MMD); ``gaussian``: multi-bandwidth RBF MMD^2.
+    mmd_kind: str = "mean"
+    #: gamma of the min-SNR loss weighting (Hang et al. 2023).
+    snr_gamma: float = 5.0
+    #: *package*: run the CPSD phase after the generator phase (a from-scratch generator must first learn the
+    #: class for the projection to have a denoiser to fit) or before it (the paper's order, for a frozen SD).
+    cpsd_order: str = "after_generator"
+
+    # --- generator ----------------------------------------------------------------------------------
+    #: ``unet``: the offline class-conditioned diffusion model trained on the stream (*package*);
+    #: ``stable_diffusion``: a frozen pretrained pipeline loaded from ``generator_path``.
+    generator: str = "unet"
+    #: Load a saved generator (``save_pretrained`` directory) instead of building a fresh one.
+    generator_path: Optional[str] = None
+    #: Text encoder spec for :func:`avalanche_drcpsd.text_encoders.load_text_encoder` (None: offline default).
+    text_encoder: Optional[Dict[str, Any]] = None
+    #: *package*: space-to-depth factor of the pixel-space UNet (1: plain pixels; 2: 2x2 patches as channels).
+    patch_size: int = 2
+    unet_block_out_channels: Tuple[int, ...] = (32, 64, 64)
+    unet_layers_per_block: int = 1
+    unet_attention_head_dim: int = 8
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    #: *package*: optimiser steps of the generator phase per experience.
+    generator_steps: int = 500
+    generator_batch_size: int = 128
+    generator_lr: float = 1e-3
+    #: weight of generative distillation (Masip et al.): MSE between the new and the previous generator's
+    #: noise predictions on old-class samples and embeddings.
+    generator_distill_weight: float = 1.0
+    #: probability of replacing the condition by the empty prompt's embedding (classifier-free guidance).
+    cond_dropout: float = 0.1
+
+    # --- sampling -------------------------------------------------------------------------------------
+    sampler: str = "dpm"
+    sampling_steps: int = 20
+    #: a fixed scale, or ``(low, high)``: a scale drawn from U(low, high) per image (reference: U(5, 9)).
+    guidance_scale: Union[float, Tuple[float, float]] = (5.0, 9.0)
+    sample_batch_size: int = 256
+
+    # --- dream replay ---------------------------------------------------------------------------------
+    n_replay_per_class: int = 6000
+    replay_epochs: int = 1
+    replay_batch_real: int = 16
+    replay_batch_syn: int = 16
+    #: None: the classifier's own learning rate (a fresh optimiser of the same class and settings).
+    replay_lr: Optional[float] = None
+    #: weight of the real-data CE in the isolation loss CE(syn) + kappa * CE(real).
+    kappa: float = 0.05
+    #: weight of the new teacher in MSE(h_s, h_old) + pi * MSE(h_s, h_new).
+    pi: float = 1.0
+    #: ``split``: the old teacher sees the synthetic half, the new teacher the real half; ``both``: each
+    #: teacher sees the whole paired batch.
+    distill_targets: str = "split"
+    student_init: str = "average"
+    ema_alpha: float = 0.1
+
+    # --- gap metric (MMDPlugin) ------------------------------------------------------------------------
+    #: *package*: synthetic and real images per class for the real-vs-synthetic MMD metric (0: off).
+    gap_samples_per_class: int = 64
+
+    # --- run --------------------------------------------------------------------------------------------
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.unet_block_out_channels = _as_int_tuple("unet_block_out_channels", self.unet_block_out_channels)
+        if isinstance(self.guidance_scale, (list, tuple)):
+            self.guidance_scale = tuple(float(_number("guidance_scale", g)) for g in self.guidance_scale)
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------------
+    def validate(self) -> "DRCPSDConfig":
+        """Check every field; raise :class:`ConfigError` naming the first bad one."""
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(f"{name}={value!r} is not valid; expected one of {list(choices)}")
+        if not isinstance(self.prompt_template, str) or self.prompt_template.count("{}") != 1:
+            raise ConfigError(
+                f"prompt_template={self.prompt_template!r} must be a str with exactly one '{{}}' for the class name"
+            )
+        for name in ("cpsd_epochs", "cpsd_batch_size", "num_train_timesteps", "generator_batch_size",
+                     "sampling_steps", "sample_batch_size", "n_replay_per_class", "replay_epochs",
+                     "replay_batch_real", "replay_batch_syn", "unet_layers_per_block", "unet_attention_head_dim",
+                     "patch_size"):
+            _int_at_least(name, getattr(self, name), 1)
+        for name in ("generator_steps", "gap_samples_per_class", "seed"):
+            _int_at_least(name, getattr(self, name), 0)
+        if self.cpsd_max_images_per_class is not None:
+            _int_at_least("cpsd_max_images_per_class", self.cpsd_max_images_per_class, 1)
+        for name in ("cpsd_lr", "generator_lr", "snr_gamma"):
+            _positive(name, getattr(self, name))
+        if self.replay_lr is not None:
+            _positive("replay_lr", self.replay_lr)
+        for name in ("lambda_mmd", "generator_distill_weight", "kappa", "pi"):
+            _non_negative(name, getattr(self, name))
+        for name in ("cond_dropout",):
+            v = _number(name, getattr(self, name))
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"{name}={v!r} must be in [0, 1)")
+        a = _number("ema_alpha", self.ema_alpha)
+        if not 0.0 < a <= 1.0:
+            raise ConfigError(f"ema_alpha={a!r} must be in (0, 1]")
+        g = self.guidance_scale
+        if isinstance(g, tuple):
+            if len(g) != 2 or not g[0] <= g[1] or g[0] < 0:
+                raise ConfigError(f"guidance_scale={g!r} must be a number >= 0 or a pair (low, high) with 0 <= low <= high")
+        else:
+            _non_negative("guidance_scale", g)
+        if not all(c >= 8 and c % 8 == 0 for c in self.unet_block_out_channels):
+            raise ConfigError(
+                f"unet_block_out_channels={self.unet_block_out_channels!r}: each entry must be a multiple of 8 "
+                "(the UNet's GroupNorm uses 8 groups)"
+            )
+        if len(self.unet_block_out_channels) > 4:
+            raise ConfigError(f"unet_block_out_channels={self.unet_block_out_channels!r}: at most 4 levels")
+        if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+            raise ConfigError(
+                f"beta_schedule={self.beta_schedule!r}; expected 'linear', 'scaled_linear' or 'squaredcos_cap_v2'"
+            )
+        if self.generator == "stable_diffusion" and not self.generator_path:
+            raise ConfigError("generator='stable_diffusion' needs generator_path: a local diffusers pipeline directory")
+        if self.generator_path is not None and not isinstance(self.generator_path, (str, os.PathLike)):
+            raise ConfigError(f"generator_path={self.generator_path!r} must be a path")
+        if self.text_encoder is not None and not isinstance(self.text_encoder, dict):
+            raise ConfigError(f"text_encoder={self.text_encoder!r} must be a dict spec or None")
+        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
+            raise ConfigError(f"device={self.device!r}; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        return self
+
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "DRCPSDConfig":
+        """Build from a plain dict (JSON); an unknown key raises :class:`ConfigError` listing the valid ones."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"a config must be a JSON object/dict, got {type(values).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {sorted(known)}")
+        try:
+            return cls(**values)
+        except TypeError as exc:  # e.g. a list where a number was expected, caught by our checks first mostly
+            raise ConfigError(str(exc)) from exc
+
+    @classmethod
+    def from_json(cls, path: Union[str, os.PathLike]) -> "DRCPSDConfig":
+        """Read a JSON file (plain data only; nothing in a config is ever executed)."""
+        try:
+            with open(path, "r", encoding="utf-8") as fh:
+                values = json.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {os.fspath(path)!r} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {os.fspath(path)!r} is not valid JSON: {exc}") from None
+        return cls.from_dict(values)
+
+    def replace(self, **changes: Any) -> "DRCPSDConfig":
+        """A validated copy with some fields changed."""
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["unet_block_out_channels"] = list(self.unet_block_out_channels)
+        if isinstance(self.guidance_scale, tuple):
+            d["guidance_scale"] = list(self.guidance_scale)
+        return d
+
+
+# --------------------------------------------------------------------------------------------------------
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be a finite number")
+    return float(value)
+
+
+def _positive(name: str, value: Any) -> None:
+    if _number(name, value) <= 0:
+        raise ConfigError(f"{name}={value!r} must be > 0")
+
+
+def _non_negative(name: str, value: Any) -> None:
+    if _number(name, value) < 0:
+        raise ConfigError(f"{name}={value!r} must be >= 0")
+
+
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}={value!r} must be an integer >= {low}")
+    if value < low:
+        raise ConfigError(f"{name}={value!r} must be >= {low}")
+
+
+def _as_int_tuple(name: str, value: Any) -> Tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{name}={value!r} must be a non-empty list of integers")
+    for v in value:
+        _int_at_least(name, v, 1)
+    return tuple(value)

@@ -1,0 +1,168 @@
+r"""CPSD embeddings: a per-class projection of the frozen text encoder's token states, and their buffer.
+
+A class prompt ("a photo of a {name}") is encoded by the frozen text encoder into token states
+:math:`E_c \in \mathbb{R}^{L\times D}`. The CLIP projection (reference: ``Linear(77, 77)`` over the token
+positions, identity weight, zero bias) gives the class embedding :math:`e_c = W_c E_c + b_c` and is trained
+for one epoch on the class's real images with :math:`\mathcal{L}_{CPSD}=\mathcal{L}_{LDM}+\lambda\mathcal{L}_{MMD}`
+while the denoiser is frozen. The projected embeddings are the *embedding buffer*: with the generator, the only
+thing kept of an old class.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, List, Optional, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .losses import cpsd_loss
+from .utils import atomic_write
+
+__all__ = ["CPSDProjection", "EmbeddingBuffer", "train_cpsd_projection"]
+
+
+class CPSDProjection(nn.Module):
+    r"""Identity-initialised linear map of token states ``(B, L, D)``.
+
+    ``mode="token"`` (reference): :math:`e = W E + b\mathbf{1}^\top` with :math:`W\in\mathbb{R}^{L\times L}`,
+    mixing token positions; ``mode="hidden"``: :math:`e = E W^\top + b` with :math:`W\in\mathbb{R}^{D\times D}`.
+    """
+
+    def __init__(self, length: int, hidden_size: int, mode: str = "token"):
+        super().__init__()
+        if mode not in ("token", "hidden"):
+            raise ValueError(f"mode={mode!r}; expected 'token' or 'hidden'")
+        self.mode = mode
+        n = length if mode == "token" else hidden_size
+        self.linear = nn.Linear(n, n)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.eye(n))
+            self.linear.bias.zero_()
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if self.mode == "hidden":
+            return self.linear(tokens)
+        return self.linear(tokens.transpose(-1, -2)).transpose(-1, -2)
+
+
+class EmbeddingBuffer:
+    """Projected class embeddings ``(L, D)`` keyed by class id, the null (empty prompt) embedding for guidance,
+    the prompts, and the identity of the text encoder that made them. Saved as one safetensors file whose
+    metadata holds the prompts and the encoder identity (no pickle, nothing executed on load)."""
+
+    def __init__(self, null: Optional[Tensor] = None, encoder_identity: Optional[dict] = None):
+        self.embeddings: Dict[int, Tensor] = {}
+        self.prompts: Dict[int, str] = {}
+        self.null = null
+        self.encoder_identity = dict(encoder_identity or {})
+
+    @property
+    def classes(self) -> List[int]:
+        return sorted(self.embeddings)
+
+    def __contains__(self, cls: int) -> bool:
+        return int(cls) in self.embeddings
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def add(self, cls: int, embedding: Tensor, prompt: str = "") -> None:
+        if embedding.dim() != 2:
+            raise ValueError(f"embedding for class {cls} has shape {tuple(embedding.shape)}; expected (L, D)")
+        if self.null is not None and embedding.shape != self.null.shape:
+            raise ValueError(f"embedding for class {cls} has shape {tuple(embedding.shape)}; "
+                             f"the buffer holds {tuple(self.null.shape)}")
+        self.embeddings[int(cls)] = embedding.detach().float().cpu().clone()
+        self.prompts[int(cls)] = prompt
+
+    def stack(self, classes: Iterable[int]) -> Tensor:
+        """``(N, L, D)`` embeddings of the given class ids (in order)."""
+        classes = [int(c) for c in classes]
+        missing = [c for c in classes if c not in self.embeddings]
+        if missing:
+            raise KeyError(f"classes {missing} are not in the embedding buffer (it holds {self.classes})")
+        return torch.stack([self.embeddings[c] for c in classes])
+
+    # ------------------------------------------------------------------------------------------------
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        tensors = {f"class_{c}": e.contiguous() for c, e in self.embeddings.items()}
+        if self.null is not None:
+            tensors["null"] = self.null.detach().float().cpu().contiguous()
+        metadata = {
+            "format": "avalanche_drcpsd.EmbeddingBuffer/1",
+            "prompts": json.dumps({str(c): p for c, p in self.prompts.items()}),
+            "encoder_identity": json.dumps(self.encoder_identity),
+        }
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "EmbeddingBuffer":
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"embedding buffer {path!r} does not exist; expected a .safetensors file "
+                                    "written by EmbeddingBuffer.save")
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        if metadata.get("format") != "avalanche_drcpsd.EmbeddingBuffer/1":
+            raise ValueError(f"{path!r} is not an embedding buffer (format={metadata.get('format')!r})")
+        tensors = load_file(path)
+        buf = cls(null=tensors.pop("null", None), encoder_identity=json.loads(metadata["encoder_identity"]))
+        prompts = json.loads(metadata["prompts"])
+        for key, value in tensors.items():
+            c = int(key.split("_", 1)[1])
+            buf.add(c, value, prompts.get(str(c), ""))
+        return buf
+
+
+def train_cpsd_projection(
+    denoiser,
+    tokens: Tensor,
+    images: Tensor,
+    *,
+    mode: str = "token",
+    epochs: int = 1,
+    batch_size: int = 4,
+    lr: float = 1e-4,
+    snr_gamma: Optional[float] = 5.0,
+    lam: float = 0.003,
+    mmd_kind: str = "mean",
+    generator: Optional[torch.Generator] = None,
+    progress: Optional[callable] = None,
+) -> CPSDProjection:
+    """Fit one class's projection with the denoiser frozen.
+
+    ``denoiser`` provides ``encode(images)``, ``noisy(z0, generator)``, ``predict_noise(z_t, t, cond)`` and
+    ``snr(t)`` (e.g. :class:`~avalanche_drcpsd.generator.DiffusionGenerator`); ``tokens`` are the frozen text
+    states ``(L, D)`` of the class prompt; ``images`` its real images in [0, 1]. Returns the trained projection.
+    """
+    length, hidden = tokens.shape
+    device = next(denoiser.parameters()).device
+    projection = CPSDProjection(length, hidden, mode).to(device)
+    optimizer = torch.optim.AdamW(projection.parameters(), lr=lr, weight_decay=0.0)
+    tokens = tokens.to(device).unsqueeze(0)
+    requires = [p.requires_grad for p in denoiser.parameters()]
+    for p in denoiser.parameters():
+        p.requires_grad_(False)
+    try:
+        n = images.shape[0]
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, batch_size):
+                batch = images[order[start:start + batch_size]]
+                z_t, noise, t = denoiser.noisy(denoiser.encode(batch), generator)
+                cond = projection(tokens).expand(batch.shape[0], -1, -1)
+                loss = cpsd_loss(denoiser.predict_noise(z_t, t, cond), noise, denoiser.snr(t), snr_gamma, lam, mmd_kind)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if progress is not None:
+                    progress(1)
+    finally:
+        for p, r in zip(denoiser.parameters(), requires):
+            p.requires_grad_(r)
+    return projection.eval()

@@ -1,0 +1,62 @@
+"""Penultimate features of any classifier, without asking the model to expose them.
+
+The penultimate features ``h`` are the input of the classifier's last ``nn.Linear`` (an Avalanche
+``IncrementalClassifier`` or a plain head alike). A forward pre-hook records them during the ordinary forward
+pass, so the strategy's own forward is reused and nothing is computed twice.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["find_head", "FeatureRecorder", "forward_with_features"]
+
+
+def find_head(model: nn.Module, name: Optional[str] = None) -> nn.Module:
+    """The module whose input are the penultimate features: ``model.get_submodule(name)`` when a name is given,
+    else the last ``nn.Linear`` registered in the model."""
+    if name is not None:
+        try:
+            return model.get_submodule(name)
+        except AttributeError:
+            names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            raise ValueError(f"feature_layer={name!r} is not a submodule of the model; linear layers: {names}") from None
+    head = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            head = module
+    if head is None:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear layer; pass feature_layer= the name of the module whose "
+            "input are the penultimate features"
+        )
+    return head
+
+
+class FeatureRecorder:
+    """Records the input of the head on every forward pass: ``recorder.features`` after ``model(x)``."""
+
+    def __init__(self, model: nn.Module, layer: Optional[str] = None):
+        self.model = model
+        self.features: Optional[Tensor] = None
+        self._handle = find_head(model, layer).register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: Tuple[Tensor, ...]) -> None:
+        self.features = inputs[0].flatten(1)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def forward_with_features(model: nn.Module, x: Tensor, layer: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """``(logits, h)`` of one forward pass of ``model`` on ``x``."""
+    recorder = FeatureRecorder(model, layer)
+    try:
+        logits = model(x)
+    finally:
+        recorder.remove()
+    assert recorder.features is not None
+    return logits, recorder.features

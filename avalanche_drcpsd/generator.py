@@ -1,0 +1,249 @@
+"""The offline default generator: a class-conditioned pixel-space diffusion model built from diffusers parts.
+
+* Denoiser: ``diffusers.UNet2DConditionModel`` whose cross-attention attends to the CPSD class embeddings
+  (the ``(L, D)`` projected token states of the frozen text encoder).
+* Space-to-depth (``patch_size``): images are padded to a size the UNet can halve, then each
+  ``p x p`` patch becomes ``p*p`` channels (``pixel_unshuffle``), as in "simple diffusion" (Hoogeboom et al.,
+  ICML 2023). It is lossless and has no weights, so unlike a learned autoencoder it cannot forget; on this
+  project's 2-core CPU a ``p=2`` UNet trains ~4x faster than the same UNet on raw 28x28 pixels
+  (``benchmarks/unet_cost.py``).
+* Schedulers from diffusers, built from plain configs and swappable: ``DDPMScheduler`` for training noise,
+  ``DPMSolverMultistepScheduler`` (default) or ``DDIMScheduler`` for few-step sampling.
+* Classifier-free guidance: the null condition is the text encoder's embedding of the empty prompt.
+
+``save_pretrained``/``from_pretrained`` write and read a directory: ``unet/`` (diffusers format, safetensors),
+``scheduler/`` and ``generator_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from torch import Tensor, nn
+
+from .losses import ldm_loss, snr_from_alphas_cumprod
+from .utils import atomic_write
+
+__all__ = ["GeneratorError", "GeneratorSpec", "DiffusionGenerator", "make_sampling_scheduler"]
+
+GuidanceScale = Union[float, Tuple[float, float]]
+
+
+class GeneratorError(ValueError):
+    """A generator directory or argument that cannot be used (the message names it and what was expected)."""
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """What the UNet needs beyond its own diffusers config: the image it models and how it is patched."""
+
+    image_shape: Tuple[int, int, int]  # (C, H, W) of the classifier's images, values in [0, 1]
+    patch_size: int
+    model_size: int  # H = W after padding, a multiple of patch_size * 2**(levels-1)
+
+    @property
+    def latent_shape(self) -> Tuple[int, int, int]:
+        c, _, _ = self.image_shape
+        s = self.model_size // self.patch_size
+        return (c * self.patch_size ** 2, s, s)
+
+
+def make_sampling_scheduler(kind: str, config) -> Union[DPMSolverMultistepScheduler, DDIMScheduler]:
+    """A few-step sampler sharing the training scheduler's noise schedule (``kind``: ``dpm`` or ``ddim``)."""
+    if kind == "dpm":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    if kind == "ddim":
+        return DDIMScheduler.from_config(config)
+    raise GeneratorError(f"sampler={kind!r}; expected 'dpm' or 'ddim'")
+
+
+def _model_size(h: int, w: int, patch_size: int, levels: int) -> int:
+    multiple = patch_size * 2 ** (levels - 1)
+    side = max(h, w)
+    return -(-side // multiple) * multiple
+
+
+class DiffusionGenerator(nn.Module):
+    """Class-conditioned diffusion on (patched) pixels; the CPSD embeddings are its conditions."""
+
+    config_name = "generator_config.json"
+
+    def __init__(self, unet: UNet2DConditionModel, noise_scheduler: DDPMScheduler, spec: GeneratorSpec):
+        super().__init__()
+        self.unet = unet
+        self.noise_scheduler = noise_scheduler
+        self.spec = spec
+        expected = spec.latent_shape[0]
+        if unet.config.in_channels != expected or unet.config.out_channels != expected:
+            raise GeneratorError(
+                f"the UNet has in/out channels {unet.config.in_channels}/{unet.config.out_channels}; "
+                f"image_shape={spec.image_shape} with patch_size={spec.patch_size} needs {expected}"
+            )
+        self.register_buffer("alphas_cumprod", noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
+
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        *,
+        image_shape: Sequence[int],
+        cross_attention_dim: int,
+        block_out_channels: Sequence[int] = (32, 64, 64),
+        layers_per_block: int = 1,
+        attention_head_dim: int = 8,
+        patch_size: int = 2,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "squaredcos_cap_v2",
+    ) -> "DiffusionGenerator":
+        """A fresh, randomly initialised generator. Cross-attention sits on every level but the first
+        (the highest resolution) when there are more than two levels, else on all of them."""
+        if len(image_shape) != 3:
+            raise GeneratorError(f"image_shape={tuple(image_shape)!r}; expected (C, H, W)")
+        c, h, w = (int(v) for v in image_shape)
+        levels = len(block_out_channels)
+        spec = GeneratorSpec((c, h, w), int(patch_size), _model_size(h, w, patch_size, levels))
+        down = ["CrossAttnDownBlock2D" if (levels <= 2 or i > 0) else "DownBlock2D" for i in range(levels)]
+        up = [d.replace("Down", "Up") for d in reversed(down)]
+        channels = spec.latent_shape[0]
+        unet = UNet2DConditionModel(
+            sample_size=spec.latent_shape[1],
+            in_channels=channels,
+            out_channels=channels,
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            down_block_types=tuple(down),
+            up_block_types=tuple(up),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=attention_head_dim,
+            norm_num_groups=8,
+        )
+        scheduler = DDPMScheduler(
+            num_train_timesteps=num_train_timesteps,
+            beta_schedule=beta_schedule,
+            prediction_type="epsilon",
+            clip_sample=False,
+        )
+        return cls(unet, scheduler, spec)
+
+    # ------------------------------------------------------------------------------------------------
+    def encode(self, images: Tensor) -> Tensor:
+        """Images in [0, 1], ``(B, C, H, W)`` -> model space: scaled to [-1, 1], padded, patched."""
+        c, h, w = self.spec.image_shape
+        if images.dim() != 4 or tuple(images.shape[1:]) != (c, h, w):
+            raise GeneratorError(f"images of shape {tuple(images.shape)}; this generator models (B, {c}, {h}, {w})")
+        x = images.to(self.alphas_cumprod.device, torch.float32) * 2.0 - 1.0
+        s = self.spec.model_size
+        top, left = (s - h) // 2, (s - w) // 2
+        x = F.pad(x, (left, s - w - left, top, s - h - top), value=-1.0)
+        return F.pixel_unshuffle(x, self.spec.patch_size) if self.spec.patch_size > 1 else x
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Model space -> images in [0, 1] of ``image_shape`` (inverse of :meth:`encode`, then clamped)."""
+        x = F.pixel_shuffle(z, self.spec.patch_size) if self.spec.patch_size > 1 else z
+        c, h, w = self.spec.image_shape
+        s = self.spec.model_size
+        top, left = (s - h) // 2, (s - w) // 2
+        x = x[:, :, top:top + h, left:left + w]
+        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def predict_noise(self, z_t: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
+        return self.unet(z_t, timesteps, encoder_hidden_states=cond).sample
+
+    def noisy(self, z0: Tensor, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(z_t, noise, t)`` for uniformly drawn timesteps."""
+        b = z0.shape[0]
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
+        t = t.to(z0.device)
+        noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
+        return self.noise_scheduler.add_noise(z0, noise, t), noise, t
+
+    def snr(self, timesteps: Tensor) -> Tensor:
+        return snr_from_alphas_cumprod(self.alphas_cumprod, timesteps)
+
+    def training_loss(self, images: Tensor, cond: Tensor, snr_gamma: Optional[float] = 5.0,
+                      generator: Optional[torch.Generator] = None) -> Tensor:
+        """:math:`\\mathcal{L}_{LDM}` of a batch of images in [0, 1] under conditions ``cond`` ``(B, L, D)``."""
+        z_t, noise, t = self.noisy(self.encode(images), generator)
+        return ldm_loss(self.predict_noise(z_t, t, cond), noise, self.snr(t), snr_gamma)
+
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: Tensor,
+        null: Tensor,
+        *,
+        guidance_scale: GuidanceScale = 2.0,
+        num_inference_steps: int = 20,
+        sampler: str = "dpm",
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Images in [0, 1] for conditions ``cond`` ``(B, L, D)``, with classifier-free guidance against the
+        null condition ``null`` ``(L, D)``. ``guidance_scale``: a number, or ``(low, high)`` for a scale drawn from
+        U(low, high) per image. Conditional and unconditional predictions share one batched UNet call."""
+        device = self.alphas_cumprod.device
+        b = cond.shape[0]
+        scheduler = make_sampling_scheduler(sampler, self.noise_scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        if isinstance(guidance_scale, (tuple, list)):
+            low, high = guidance_scale
+            w = low + (high - low) * torch.rand(b, generator=generator)
+        else:
+            w = torch.full((b,), float(guidance_scale))
+        w = w.to(device).view(b, 1, 1, 1)
+        z = torch.randn((b,) + self.spec.latent_shape, generator=generator).to(device)
+        z = z * scheduler.init_noise_sigma
+        cond = cond.to(device)
+        both = torch.cat([null.to(device).expand(b, -1, -1), cond], 0)
+        guided = bool((w != 1).any())
+        for t in scheduler.timesteps:
+            model_in = scheduler.scale_model_input(z, t)
+            if guided:
+                eps_u, eps_c = self.predict_noise(torch.cat([model_in, model_in]), t.expand(2 * b), both).chunk(2)
+                eps = eps_u + w * (eps_c - eps_u)
+            else:
+                eps = self.predict_noise(model_in, t.expand(b), cond)
+            z = scheduler.step(eps, t, z).prev_sample
+        return self.decode(z)
+
+    # ------------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        """Write ``unet/``, ``scheduler/`` and ``generator_config.json`` (each file atomically)."""
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        self.unet.save_pretrained(os.path.join(directory, "unet"), safe_serialization=True)
+        self.noise_scheduler.save_pretrained(os.path.join(directory, "scheduler"))
+        payload = json.dumps({"_class_name": type(self).__name__, **asdict(self.spec)}, indent=2)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(payload)
+
+        atomic_write(os.path.join(directory, self.config_name), write)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], *, device: Union[str, torch.device] = "cpu",
+                        torch_dtype: torch.dtype = torch.float32) -> "DiffusionGenerator":
+        """Load a directory written by :meth:`save_pretrained` (local files only, safetensors weights)."""
+        directory = os.fspath(directory)
+        needed = [cls.config_name, os.path.join("unet", "config.json"), os.path.join("scheduler", "scheduler_config.json")]
+        if not os.path.isdir(directory):
+            raise GeneratorError(f"generator directory {directory!r} does not exist; expected a folder written by "
+                                 "DiffusionGenerator.save_pretrained")
+        missing = [n for n in needed if not os.path.isfile(os.path.join(directory, n))]
+        if missing:
+            raise GeneratorError(f"generator directory {directory!r} lacks {missing}; expected a folder written by "
+                                 "DiffusionGenerator.save_pretrained (unet/, scheduler/, generator_config.json)")
+        with open(os.path.join(directory, cls.config_name), "r", encoding="utf-8") as fh:
+            raw = json.load(fh)
+        spec = GeneratorSpec(tuple(raw["image_shape"]), int(raw["patch_size"]), int(raw["model_size"]))
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(directory, "unet"), local_files_only=True,
+                                                    use_safetensors=True, torch_dtype=torch_dtype)
+        scheduler = DDPMScheduler.from_pretrained(os.path.join(directory, "scheduler"), local_files_only=True)
+        return cls(unet, scheduler, spec).to(device)

@@ -1,0 +1,8 @@
+"""The four plugins DR-CPSD is assembled from; each also works with other Avalanche strategies."""
+
+from .distill import DistillPlugin
+from .dream_replay import DreamReplayPlugin, SyntheticSource
+from .generator import CPSDGeneratorPlugin
+from .mmd import MMDPlugin
+
+__all__ = ["CPSDGeneratorPlugin", "DreamReplayPlugin", "DistillPlugin", "MMDPlugin", "SyntheticSource"]

@@ -1,0 +1,173 @@
+r"""Dream replay: generative replay of old classes *after* the current experience is learned on real data.
+
+For experience :math:`t>0`, once the classifier has been trained on the current classes' real data (the *new
+teacher*), the plugin
+
+1. asks its synthetic source for ``n_replay_per_class`` images of every old class;
+2. initialises the student as the average of the old teacher (the model after :math:`t-1`) and the new teacher
+   (or, with ``student_init="ema"``, :math:`(1-\alpha)\theta_{old}+\alpha\theta_{new}`);
+3. trains it for ``replay_epochs`` over paired batches (``batch_real`` real + ``batch_syn`` synthetic) with
+
+.. math:: \mathcal{L} = CE(f_s(x^{syn}), y^{syn}) + \kappa\,CE(f_s(x^{real}), y^{real})
+          + MSE(h_s, h_{old}) + \pi\,MSE(h_s, h_{new})
+
+(by default the old teacher sees the synthetic half and the new teacher the real half, see
+:class:`DistillPlugin`), and the student becomes the model.
+
+Because replay starts only after the real training ends, no synthetic image ever reaches the classifier while
+it learns the current task: the real/synthetic confusion of joint generative replay is avoided.
+
+The source is any object with ``sample_replay(classes, n_per_class) -> (x, y)`` returning images in the
+classifier's input format: :class:`CPSDGeneratorPlugin`, or another generator.
+
+Reference: DR-CPSD (Dream Replay with CLIP Projection Stable Diffusion): kappa = 0.05, pi = 1, one replay epoch,
+16 + 16 paired batches, averaged student.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable, List, Optional, Protocol, Sequence, Set, Tuple
+
+import torch
+from avalanche.training.plugins import SupervisedPlugin
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from ..features import forward_with_features
+from ..losses import isolation_loss
+from ..utils import PhaseTimer, interpolate_state_dicts
+from .distill import DistillPlugin
+
+__all__ = ["SyntheticSource", "DreamReplayPlugin"]
+
+
+class SyntheticSource(Protocol):
+    def sample_replay(self, classes: Sequence[int], n_per_class: int) -> Tuple[Tensor, Tensor]: ...
+
+
+class DreamReplayPlugin(SupervisedPlugin):
+    """Replay of synthetic old classes with an averaged student, isolation loss and teacher distillation."""
+
+    def __init__(
+        self,
+        source: SyntheticSource,
+        *,
+        n_replay_per_class: int = 6000,
+        replay_epochs: int = 1,
+        batch_real: int = 16,
+        batch_syn: int = 16,
+        kappa: float = 0.05,
+        pi: float = 1.0,
+        student_init: str = "average",
+        ema_alpha: float = 0.1,
+        replay_lr: Optional[float] = None,
+        distill: Optional[DistillPlugin] = None,
+        syn_transform: Optional[Callable[[Tensor], Tensor]] = None,
+        timer: Optional[PhaseTimer] = None,
+        verbose: bool = True,
+    ):
+        """
+        :param source: gives synthetic old-class images (``sample_replay``).
+        :param distill: the feature-distillation plugin holding the teachers; a private one (``pi``, split
+            targets, not active during ordinary training) when None.
+        :param replay_lr: learning rate of the replay optimiser (same class and settings as the strategy's);
+            None keeps the strategy optimiser's own.
+        :param syn_transform: applied to synthetic batches (e.g. the benchmark's normalisation).
+        """
+        super().__init__()
+        if student_init not in ("average", "ema"):
+            raise ValueError(f"student_init={student_init!r}; expected 'average' or 'ema'")
+        for name, v in (("n_replay_per_class", n_replay_per_class), ("replay_epochs", replay_epochs),
+                        ("batch_real", batch_real), ("batch_syn", batch_syn)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        if kappa < 0:
+            raise ValueError(f"kappa={kappa!r} must be >= 0")
+        self.source = source
+        self.n_replay_per_class = n_replay_per_class
+        self.replay_epochs = replay_epochs
+        self.batch_real = batch_real
+        self.batch_syn = batch_syn
+        self.kappa = kappa
+        self.alpha = 0.5 if student_init == "average" else ema_alpha
+        self.replay_lr = replay_lr
+        self.distill = distill if distill is not None else DistillPlugin(pi=pi, during_training=False)
+        self.syn_transform = syn_transform
+        self.timer = timer if timer is not None else PhaseTimer()
+        self.verbose = verbose
+        self.seen_classes: Set[int] = set()
+        self.replayed_batches = 0  # synthetic batches seen by the classifier (for tests and reports)
+
+    @classmethod
+    def from_config(cls, source: SyntheticSource, config, **kwargs) -> "DreamReplayPlugin":
+        return cls(source, n_replay_per_class=config.n_replay_per_class, replay_epochs=config.replay_epochs,
+                   batch_real=config.replay_batch_real, batch_syn=config.replay_batch_syn, kappa=config.kappa,
+                   pi=config.pi, student_init=config.student_init, ema_alpha=config.ema_alpha,
+                   replay_lr=config.replay_lr, **kwargs)
+
+    # --- hooks -----------------------------------------------------------------------------------------
+    def before_training_exp(self, strategy, **kwargs):
+        self.distill.snapshot_old_teacher(strategy)
+
+    def after_training_exp(self, strategy, **kwargs):
+        old_classes = sorted(self.seen_classes)
+        self.seen_classes.update(int(c) for c in strategy.experience.classes_in_this_experience)
+        if not old_classes or self.distill.old_teacher is None:
+            return
+        x_syn, y_syn = self.source.sample_replay(old_classes, self.n_replay_per_class)
+        with self.timer("replay", strategy.experience.current_experience):
+            self.replay(strategy, x_syn, y_syn)
+
+    # --- the replay phase ------------------------------------------------------------------------------
+    def replay(self, strategy, x_syn: Tensor, y_syn: Tensor) -> None:
+        model = strategy.model
+        device = strategy.device
+        self.distill.set_new_teacher(model)
+        model.load_state_dict(interpolate_state_dicts(
+            self.distill.old_teacher.state_dict(), self.distill.new_teacher.state_dict(), self.alpha))
+        model.train()
+        optimizer = self._make_optimizer(strategy)
+
+        real = DataLoader(strategy.experience.dataset.train(), batch_size=self.batch_real, shuffle=True,
+                          drop_last=len(strategy.experience.dataset) > self.batch_real)
+        syn = DataLoader(TensorDataset(x_syn, y_syn), batch_size=self.batch_syn, shuffle=True,
+                         drop_last=len(y_syn) > self.batch_syn)
+        steps = max(len(real), len(syn))
+        bar = tqdm(total=steps * self.replay_epochs, desc=f"exp {strategy.experience.current_experience} replay",
+                   disable=not self.verbose, leave=False)
+        for _ in range(self.replay_epochs):
+            for (xr, yr, *_), (xs, ys) in itertools.islice(zip(_cycle(real), _cycle(syn)), steps):
+                xr, yr = xr.to(device), yr.to(device)
+                xs, ys = xs.to(device), ys.to(device)
+                if self.syn_transform is not None:
+                    xs = self.syn_transform(xs)
+                logits, h = forward_with_features(model, torch.cat([xs, xr]), self.distill.feature_layer)
+                n = xs.shape[0]
+                loss = isolation_loss(logits[:n], ys, logits[n:], yr, self.kappa)
+                loss = loss + self.distill.replay_loss(h[:n], xs, h[n:], xr)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite replay loss ({loss.item()}) in experience {strategy.experience.current_experience}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                self.replayed_batches += 1
+                bar.update(1)
+        bar.close()
+
+    def _make_optimizer(self, strategy) -> torch.optim.Optimizer:
+        """A fresh optimiser of the strategy's class and settings on the student (lr overridable)."""
+        opt = strategy.optimizer
+        group = opt.param_groups[0] if opt.param_groups else {}
+        defaults = {k: group.get(k, v) for k, v in opt.defaults.items()}
+        if self.replay_lr is not None:
+            defaults["lr"] = self.replay_lr
+        return type(opt)(strategy.model.parameters(), **defaults)
+
+
+def _cycle(loader: DataLoader):
+    """Endless iteration that reshuffles at every pass (unlike itertools.cycle, which replays one order)."""
+    while True:
+        yield from loader

@@ -1,0 +1,114 @@
+"""``DRCPSD``: the Dream Replay with CLIP Projection Stable Diffusion strategy, assembled from plugins.
+
+* :class:`CPSDGeneratorPlugin`: generator, frozen text encoder, CPSD embeddings and their buffer;
+* :class:`DistillPlugin`: the old/new teachers and feature distillation (inactive during real-data training);
+* :class:`DreamReplayPlugin`: replay of synthetic old classes after the current experience is learned;
+* :class:`MMDPlugin`: the real-vs-synthetic gap per class as a metric.
+
+The classifier phase is the template's ordinary training loop on the current experience's real data.
+The wall time of every phase is published as ``PhaseTime/<phase>/Exp<eee>`` metric values.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+from avalanche.evaluation.metric_results import MetricValue
+from avalanche.training.templates import SupervisedTemplate
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import DRCPSDConfig
+from .plugins.distill import DistillPlugin
+from .plugins.dream_replay import DreamReplayPlugin
+from .plugins.generator import CPSDGeneratorPlugin
+from .plugins.mmd import MMDPlugin
+from .utils import PhaseTimer, atomic_write
+
+__all__ = ["DRCPSD"]
+
+PHASES = ("classifier", "generation", "generator", "cpsd", "replay")
+
+
+class DRCPSD(SupervisedTemplate):
+    """DR-CPSD on any Avalanche class-incremental benchmark.
+
+    Example::
+
+        strategy = DRCPSD(model=model, optimizer=SGD(model.parameters(), lr=0.1),
+                          criterion=nn.CrossEntropyLoss(), config=DRCPSDConfig(n_replay_per_class=500),
+                          class_names=benchmark.class_names, train_mb_size=64, train_epochs=1,
+                          evaluator=EvaluationPlugin(accuracy_metrics(stream=True), loggers=[CSVLogger("logs")]))
+        for experience in benchmark.train_stream:
+            strategy.train(experience)
+            strategy.eval(benchmark.test_stream)
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        criterion=None,
+        config: Optional[DRCPSDConfig] = None,
+        class_names: Optional[Sequence[str]] = None,
+        generator=None,
+        text_encoder=None,
+        plugins: Optional[list] = None,
+        verbose: bool = True,
+        **template_kwargs,
+    ):
+        self.config = (config or DRCPSDConfig()).validate()
+        self.timer = PhaseTimer()
+        self.generator_plugin = CPSDGeneratorPlugin(self.config, class_names=class_names, generator=generator,
+                                                    text_encoder=text_encoder, timer=self.timer, verbose=verbose)
+        self.distill_plugin = DistillPlugin(pi=self.config.pi, during_training=False,
+                                            targets=self.config.distill_targets)
+        self.replay_plugin = DreamReplayPlugin.from_config(self.generator_plugin, self.config,
+                                                           distill=self.distill_plugin, timer=self.timer,
+                                                           verbose=verbose)
+        own = [self.generator_plugin, self.distill_plugin, self.replay_plugin]
+        if self.config.gap_samples_per_class >= 2:
+            self.mmd_plugin = MMDPlugin(self.generator_plugin, samples_per_class=self.config.gap_samples_per_class,
+                                        seed=self.config.seed)
+            own.append(self.mmd_plugin)
+        template_kwargs.setdefault("device", self.config.device)
+        super().__init__(model=model, optimizer=optimizer,
+                         criterion=criterion if criterion is not None else nn.CrossEntropyLoss(),
+                         plugins=own + list(plugins or []), **template_kwargs)
+        # fail on a bad encoder or generator path now, before any training
+        self.generator_plugin.setup()
+
+    @property
+    def buffer(self):
+        return self.generator_plugin.buffer
+
+    @property
+    def generator(self):
+        return self.generator_plugin.generator
+
+    def _train_exp(self, experience, eval_streams=None, **kwargs):
+        with self.timer("classifier", experience.current_experience):
+            super()._train_exp(experience, eval_streams, **kwargs)
+
+    def _after_training_exp(self, **kwargs):
+        super()._after_training_exp(**kwargs)
+        exp = self.experience.current_experience
+        for phase in PHASES:
+            seconds = self.timer.seconds.get((exp, phase))
+            if seconds is not None:
+                self.evaluator.publish_metric_value(
+                    MetricValue(self, f"PhaseTime/{phase}/Exp{exp:03d}", seconds, self.clock.train_iterations))
+
+    def save(self, directory: Union[str, os.PathLike]) -> None:
+        """The run's learned state: ``classifier.safetensors``, ``generator/`` and ``embeddings.safetensors``."""
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        atomic_write(os.path.join(directory, "classifier.safetensors"), lambda tmp: save_file(state, tmp))
+        if self.generator is not None:
+            self.generator.save_pretrained(os.path.join(directory, "generator"))
+        if self.buffer is not None:
+            self.buffer.save(os.path.join(directory, "embeddings.safetensors"))
