@@ -1,0 +1,46 @@
+"""Shared fixtures: where the real data is, and tiny DR-CPSD configurations that run in seconds on a CPU."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from avalanche_drcpsd import DRCPSDConfig
+
+DATA_ROOT = Path(os.environ.get("DRCPSD_DATA_ROOT", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+TINY_ENCODER = {"kind": "default", "hidden_size": 16, "num_layers": 1, "num_heads": 2}
+
+
+def tiny_config(**overrides) -> DRCPSDConfig:
+    """A DR-CPSD config whose every phase runs in about a second on a slice of MNIST."""
+    values = dict(
+        text_encoder=TINY_ENCODER, unet_block_out_channels=(16, 32), unet_attention_head_dim=8, patch_size=2,
+        generator_steps=4, generator_batch_size=16, cpsd_batch_size=8, cpsd_max_images_per_class=8,
+        n_replay_per_class=8, sampling_steps=2, sample_batch_size=16, guidance_scale=2.0,
+        replay_batch_real=16, replay_batch_syn=16, gap_samples_per_class=4,
+    )
+    values.update(overrides)
+    return DRCPSDConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    if not (DATA_ROOT / "MNIST" / "raw").is_dir():
+        pytest.skip(f"real data not found at {DATA_ROOT} (set DRCPSD_DATA_ROOT)")
+    return DATA_ROOT
+
+
+@pytest.fixture(scope="session")
+def mnist_small(data_root):
+    """Split-MNIST, 5 experiences, 40 train / 20 test images per class."""
+    from avalanche_drcpsd.data import split_mnist
+
+    return split_mnist(data_root, train_per_class=40, test_per_class=20, seed=0)

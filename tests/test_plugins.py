@@ -1,0 +1,202 @@
+"""The plugins act in the right phase, and each works on its own with stock Avalanche strategies."""
+
+import copy
+
+import pytest
+import torch
+from avalanche.evaluation.metrics import accuracy_metrics
+from avalanche.training import Naive, Replay
+from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
+from torch import nn
+
+from avalanche_drcpsd import CPSDGeneratorPlugin, DistillPlugin, DreamReplayPlugin, MMDPlugin
+from avalanche_drcpsd.utils import dataset_tensors
+
+from conftest import tiny_config
+
+MARK = 0.123  # every pixel of a fake synthetic image
+
+
+class MLP(nn.Module):
+    """No BatchNorm, so weights alone define the function (the student-average test relies on it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class FakeSource:
+    """A synthetic source whose images are constant MARK; it logs when it is asked."""
+
+    def __init__(self, log):
+        self.log = log
+        self.learned_classes = []
+
+    def sample_replay(self, classes, n_per_class):
+        self.log.append(("sample_replay", tuple(classes)))
+        y = torch.tensor(classes).repeat_interleave(n_per_class)
+        return torch.full((len(y), 1, 28, 28), MARK), y
+
+    def sample(self, classes, n_per_class, seed=0):
+        return self.sample_replay(classes, n_per_class)
+
+
+class PhaseProbe(SupervisedPlugin):
+    """Logs training iterations and fails if a synthetic image reaches a training minibatch."""
+
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+
+    def before_forward(self, strategy, **kwargs):
+        is_syn = (strategy.mb_x == MARK).flatten(1).all(1)
+        assert not is_syn.any(), "a synthetic image reached the classifier during the real-data phase"
+        self.log.append(("train_iteration", strategy.experience.current_experience))
+
+    def after_training_exp(self, strategy, **kwargs):
+        self.log.append(("after_training_exp", strategy.experience.current_experience))
+
+
+def _naive(model, plugins, epochs=1):
+    ev = EvaluationPlugin(accuracy_metrics(stream=True), loggers=[])
+    return Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), criterion=nn.CrossEntropyLoss(),
+                 train_mb_size=16, train_epochs=epochs, eval_mb_size=64, plugins=plugins, evaluator=ev)
+
+
+def test_dream_replay_with_naive_replays_only_after_real_training(mnist_small):
+    log = []
+    source = FakeSource(log)
+    replay = DreamReplayPlugin(source, n_replay_per_class=8, batch_real=16, batch_syn=8, verbose=False)
+    # the probe is registered first, so its after_training_exp entry precedes replay's work in the log
+    strategy = _naive(MLP(), [PhaseProbe(log), replay])
+    strategy.train(mnist_small.train_stream[0])
+    assert not any(e[0] == "sample_replay" for e in log), "no replay may happen in the first experience"
+    assert replay.replayed_batches == 0
+    strategy.train(mnist_small.train_stream[1])
+    samples = [i for i, e in enumerate(log) if e[0] == "sample_replay"]
+    last_iteration = max(i for i, e in enumerate(log) if e == ("train_iteration", 1))
+    assert len(samples) == 1 and log[samples[0]][1] == (0, 1), "old classes 0 and 1 are replayed once"
+    assert samples[0] > last_iteration, "synthetic data was requested before the real training ended"
+    steps = -(-len(mnist_small.train_stream[1].dataset) // 16)
+    assert replay.replayed_batches == steps, "one replay epoch = as many paired batches as real batches"
+
+
+def test_student_starts_as_average_of_teachers(mnist_small):
+    model = MLP()
+    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=4, batch_real=16, batch_syn=4, verbose=False)
+    strategy = _naive(model, [replay])
+    strategy.train(mnist_small.train_stream[0])
+    captured = {}
+    original = replay._make_optimizer
+
+    def spy(strat):
+        captured["student"] = copy.deepcopy(strat.model.state_dict())
+        return original(strat)
+
+    replay._make_optimizer = spy
+    strategy.train(mnist_small.train_stream[1])
+    old = replay.distill.old_teacher.state_dict()
+    new = replay.distill.new_teacher.state_dict()
+    for k, v in captured["student"].items():
+        torch.testing.assert_close(v, 0.5 * (old[k] + new[k]))
+    # the teachers differ, so the average is a real mix, and replay then moved the student
+    assert any(not torch.equal(old[k], new[k]) for k in old)
+    assert any(not torch.equal(captured["student"][k], model.state_dict()[k]) for k in old)
+
+
+def test_ema_student_init_uses_alpha(mnist_small):
+    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=4, student_init="ema", ema_alpha=0.1, verbose=False)
+    assert replay.alpha == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="student_init='bogus'"):
+        DreamReplayPlugin(FakeSource([]), student_init="bogus")
+
+
+def test_distill_plugin_with_replay_adds_feature_loss(mnist_small):
+    losses = {}
+
+    class LossProbe(SupervisedPlugin):
+        def before_backward(self, strategy, **kwargs):
+            losses.setdefault(strategy.experience.current_experience, []).append(float(strategy.loss.detach()))
+
+    def run(alpha):
+        torch.manual_seed(0)
+        losses.clear()
+        model = MLP()
+        ev = EvaluationPlugin(accuracy_metrics(stream=True), loggers=[])
+        distill = DistillPlugin(alpha=alpha)
+        strategy = Replay(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                          criterion=nn.CrossEntropyLoss(), mem_size=20, train_mb_size=16, train_epochs=1,
+                          plugins=[distill, LossProbe()], evaluator=ev)
+        for exp in mnist_small.train_stream[:2]:
+            strategy.train(exp)
+        return distill, dict(losses)
+
+    distill, with_kd = run(alpha=10.0)
+    _, without = run(alpha=0.0)
+    assert distill.old_teacher is not None
+    assert with_kd[0] == pytest.approx(without[0]), "no teacher, no distillation in the first experience"
+    # At the first minibatch of experience 1 the student *is* the old teacher: the term and its gradient are 0,
+    # so both runs take the same first step. At the second minibatch they differ only by the term, now > 0.
+    assert with_kd[1][0] == pytest.approx(without[1][0])
+    assert with_kd[1][1] > without[1][1] + 1e-6
+
+
+def test_mmd_plugin_publishes_per_class_gap(mnist_small):
+    x_test, y_test = dataset_tensors(mnist_small.test_stream[0].dataset)
+
+    class RealishSource:
+        learned_classes = [0, 1]
+
+        def sample(self, classes, n_per_class, seed=0):
+            (c,) = classes
+            if c == 0:  # class 0: the real images themselves -> gap ~ 0
+                x = x_test[y_test == 0][:n_per_class]
+            else:  # class 1: noise -> large gap
+                x = torch.rand(n_per_class, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+            return x, torch.full((len(x),), c)
+
+    model = MLP()
+    mmd = MMDPlugin(RealishSource(), samples_per_class=10)
+    strategy = _naive(model, [mmd])
+    results = strategy.eval(mnist_small.test_stream[:1])
+    names = sorted(k for k in results if k.startswith("RealSynMMD"))
+    assert names == ["RealSynMMD/eval_phase/test_stream/Class000", "RealSynMMD/eval_phase/test_stream/Class001"]
+    gap0, gap1 = results[names[0]], results[names[1]]
+    assert gap0 == pytest.approx(0.0, abs=1e-5)
+    assert gap1 > 0.1
+
+
+def test_generator_plugin_with_naive_learns_buffer_and_samples(mnist_small):
+    gen = CPSDGeneratorPlugin(tiny_config(), class_names=mnist_small.class_names, verbose=False)
+    strategy = _naive(MLP(), [gen])
+    strategy.train(mnist_small.train_stream[0])
+    assert gen.learned_classes == [0, 1]
+    assert gen._replay is None, "nothing to replay in the first experience"
+    strategy.train(mnist_small.train_stream[1])
+    assert gen.learned_classes == [0, 1, 2, 3]
+    # the replay set of experience 1 was generated before training, for the old classes only
+    assert gen._replay[0] == (0, 1) and gen._replay[2].shape == (16, 1, 28, 28)
+    for phase in ("generation", "generator", "cpsd"):
+        assert gen.timer.seconds[(1, phase)] > 0
+    x, y = gen.sample([3], 5, seed=7)
+    x2, _ = gen.sample([3], 5, seed=7)
+    assert x.shape == (5, 1, 28, 28) and torch.equal(x, x2), "sampling is reproducible under a seed"
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
+    assert gen.buffer.prompts[3] == "a photo of a three"
+
+
+def test_frozen_generator_is_not_trained(mnist_small):
+    cfg = tiny_config()
+    gen = CPSDGeneratorPlugin(cfg, verbose=False)
+    strategy = _naive(MLP(), [gen])
+    strategy.train(mnist_small.train_stream[0])
+    before = copy.deepcopy(gen.generator.state_dict())
+    gen.trainable = False  # what a frozen pretrained backend does
+    strategy.train(mnist_small.train_stream[1])
+    after = gen.generator.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert gen.learned_classes == [0, 1, 2, 3], "CPSD embeddings are still learned for the new classes"
