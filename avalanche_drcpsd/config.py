@@ -14,10 +14,11 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
-__all__ = ["ConfigError", "DRCPSDConfig"]
+__all__ = ["ConfigError", "DRCPSDConfig", "check_prompt_template"]
 
 
 class ConfigError(ValueError):
@@ -132,10 +133,7 @@ class DRCPSDConfig:
             value = getattr(self, name)
             if value not in choices:
                 raise ConfigError(f"{name}={value!r} is not valid; expected one of {list(choices)}")
-        if not isinstance(self.prompt_template, str) or self.prompt_template.count("{}") != 1:
-            raise ConfigError(
-                f"prompt_template={self.prompt_template!r} must be a str with exactly one '{{}}' for the class name"
-            )
+        check_prompt_template(self.prompt_template)
         for name in ("cpsd_epochs", "cpsd_batch_size", "num_train_timesteps", "generator_batch_size",
                      "sampling_steps", "sample_batch_size", "n_replay_per_class", "replay_epochs",
                      "replay_batch_real", "replay_batch_syn", "unet_layers_per_block", "unet_attention_head_dim",
@@ -181,7 +179,7 @@ class DRCPSDConfig:
             raise ConfigError(f"generator_path={self.generator_path!r} must be a path")
         if self.text_encoder is not None and not isinstance(self.text_encoder, dict):
             raise ConfigError(f"text_encoder={self.text_encoder!r} must be a dict spec or None")
-        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device={self.device!r}; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
         return self
 
@@ -226,9 +224,31 @@ class DRCPSDConfig:
 
 # --------------------------------------------------------------------------------------------------------
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name}={value!r} must be a finite number")
-    return float(value)
+    try:
+        as_float = float(value)
+    except OverflowError:
+        as_float = math.inf
+    if not math.isfinite(as_float):
+        raise ConfigError(f"{name}={_short(value)} must be a finite number")
+    return as_float
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_prompt_template(template: Any, error: type = ConfigError) -> None:
+    """A prompt template must format with one positional class name and nothing else (raises ``error``)."""
+    expected = "a str with exactly one '{}' for the class name, e.g. 'a photo of a {}'"
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise error(f"prompt_template={template!r}; expected {expected}")
+    try:
+        template.format("x")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise error(f"prompt_template={template!r} cannot be formatted ({exc!r}); expected {expected}") from None
 
 
 def _positive(name: str, value: Any) -> None:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .config import check_prompt_template
 from .utils import atomic_write
 
 __all__ = [
@@ -145,8 +146,7 @@ class BenchmarkSpec:
             raise DataError(f"classes_per_exp={self.classes_per_exp!r}: every experience needs a class")
         if len(self.image_shape) != 3:
             raise DataError(f"image_shape={self.image_shape!r} must be (C, H, W)")
-        if self.prompt_template.count("{}") != 1:
-            raise DataError(f"prompt_template={self.prompt_template!r} must contain exactly one '{{}}'")
+        check_prompt_template(self.prompt_template, DataError)
 
     @property
     def num_classes(self) -> int:

@@ -56,10 +56,14 @@ class GeneratorSpec:
 
 def make_sampling_scheduler(kind: str, config) -> Union[DPMSolverMultistepScheduler, DDIMScheduler]:
     """A few-step sampler sharing the training scheduler's noise schedule (``kind``: ``dpm`` or ``ddim``)."""
+    # "trailing" spacing starts few-step sampling at the last training timestep (Lin et al., 2024). It is passed
+    # explicitly: a value left at its default is not carried through save/load, so a reloaded scheduler would
+    # otherwise fall back to the training scheduler's spacing and sample differently.
     if kind == "dpm":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                       timestep_spacing="trailing")
     if kind == "ddim":
-        return DDIMScheduler.from_config(config)
+        return DDIMScheduler.from_config(config, timestep_spacing="trailing")
     raise GeneratorError(f"sampler={kind!r}; expected 'dpm' or 'ddim'")
 
 

@@ -88,6 +88,8 @@ def cpsd_loss(
     r"""CPSD objective :math:`\mathcal{L}_{CPSD} = \mathcal{L}_{LDM} + \lambda\,\mathcal{L}_{MMD}`,
     with :math:`\mathcal{L}_{MMD}` = :func:`mmd_mean_match` (``kind="mean"``, SNR-weighted as in the reference)
     or :func:`mmd_gaussian` between predicted and true noise (``kind="gaussian"``)."""
+    if kind not in ("mean", "gaussian"):
+        raise ValueError(f"kind={kind!r}; expected 'mean' or 'gaussian'")
     loss = ldm_loss(noise_pred, noise, snr, gamma)
     if lam == 0:
         return loss
@@ -95,8 +97,6 @@ def cpsd_loss(
         mmd = mmd_mean_match(noise_pred, noise, min_snr_weights(snr, gamma))
     elif kind == "gaussian":
         mmd = mmd_gaussian(noise_pred, noise)
-    else:
-        raise ValueError(f"kind={kind!r}; expected 'mean' or 'gaussian'")
     return loss + lam * mmd
 
 

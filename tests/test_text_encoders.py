@@ -259,10 +259,12 @@ def test_open_clip_encoder_matches_model(tmp_path, open_clip_configs, name, fmt)
         last_block = model.forward_intermediates(
             text=ids, text_indices=1, normalize_intermediates=True, intermediates_only=True
         )["text_intermediates"][-1]
-        torch.testing.assert_close(out, last_block, rtol=1e-5, atol=1e-5)
+        # open_clip's forward_intermediates takes another attention kernel path than encode's; float32
+        # reassociation between the two was measured at up to ~1.4e-5 absolute on near-zero entries
+        torch.testing.assert_close(out, last_block, rtol=1e-5, atol=5e-5)
         # pooling our states at <|endoftext|> and projecting gives open_clip's encode_text
         pooled = out[torch.arange(len(PROMPTS)), ids.argmax(dim=-1)] @ tower.text_projection
-        torch.testing.assert_close(pooled, model.encode_text(ids), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pooled, model.encode_text(ids), rtol=1e-5, atol=5e-5)
         # the weights came from the checkpoint, not from a fresh init
         fresh = _text_tower(open_clip.create_model(name).eval())
         assert torch.equal(encoder.model.token_embedding.weight, tower.token_embedding.weight)
