@@ -77,7 +77,9 @@ class DRCPSDConfig:
     unet_layers_per_block: int = 1
     unet_attention_head_dim: int = 8
     num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
+    #: *package*: DDPM's linear schedule; the cosine one ends at abar_T = 2.4e-9, whose 1/sqrt(abar_T) = 20 000
+    #: amplifies epsilon errors at the first sampling step beyond what x0 clipping can save.
+    beta_schedule: str = "linear"
     #: *package*: optimiser steps of the generator phase per experience.
     generator_steps: int = 500
     generator_batch_size: int = 128
@@ -85,6 +87,9 @@ class DRCPSDConfig:
     #: weight of generative distillation (Masip et al.): MSE between the new and the previous generator's
     #: noise predictions on old-class samples and embeddings.
     generator_distill_weight: float = 1.0
+    #: *package*: share of each generator batch taken by old-class replay samples (when there are old classes);
+    #: matching a teacher needs fewer samples than learning a class, so the new classes keep half the batch.
+    generator_replay_fraction: float = 0.5
     #: probability of replacing the condition by the empty prompt's embedding (classifier-free guidance).
     cond_dropout: float = 0.1
 
@@ -153,6 +158,9 @@ class DRCPSDConfig:
             v = _number(name, getattr(self, name))
             if not 0.0 <= v < 1.0:
                 raise ConfigError(f"{name}={v!r} must be in [0, 1)")
+        v = _number("generator_replay_fraction", self.generator_replay_fraction)
+        if not 0.0 < v < 1.0:
+            raise ConfigError(f"generator_replay_fraction={v!r} must be in (0, 1)")
         a = _number("ema_alpha", self.ema_alpha)
         if not 0.0 < a <= 1.0:
             raise ConfigError(f"ema_alpha={a!r} must be in (0, 1]")

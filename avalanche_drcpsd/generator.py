@@ -54,16 +54,23 @@ class GeneratorSpec:
         return (c * self.patch_size ** 2, s, s)
 
 
-def make_sampling_scheduler(kind: str, config) -> Union[DPMSolverMultistepScheduler, DDIMScheduler]:
-    """A few-step sampler sharing the training scheduler's noise schedule (``kind``: ``dpm`` or ``ddim``)."""
+def make_sampling_scheduler(kind: str, config, *, clip_x0: bool = True) -> Union[DPMSolverMultistepScheduler, DDIMScheduler]:
+    """A few-step sampler sharing the training scheduler's noise schedule (``kind``: ``dpm`` or ``ddim``).
+
+    ``clip_x0``: clip the predicted clean sample to the data range [-1, 1] at every step (pixel space). Near
+    t = T the epsilon-to-x0 conversion divides by sqrt(abar_T) (1/157 for the linear schedule), so without it an
+    imperfect denoiser's first steps overshoot and few-step samples saturate.
+    """
     # "trailing" spacing starts few-step sampling at the last training timestep (Lin et al., 2024). It is passed
     # explicitly: a value left at its default is not carried through save/load, so a reloaded scheduler would
     # otherwise fall back to the training scheduler's spacing and sample differently.
     if kind == "dpm":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
-                                                       timestep_spacing="trailing")
+        return DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
+            thresholding=clip_x0, dynamic_thresholding_ratio=1.0, sample_max_value=1.0)
     if kind == "ddim":
-        return DDIMScheduler.from_config(config, timestep_spacing="trailing")
+        return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=clip_x0,
+                                         clip_sample_range=1.0)
     raise GeneratorError(f"sampler={kind!r}; expected 'dpm' or 'ddim'")
 
 
@@ -103,7 +110,7 @@ class DiffusionGenerator(nn.Module):
         attention_head_dim: int = 8,
         patch_size: int = 2,
         num_train_timesteps: int = 1000,
-        beta_schedule: str = "squaredcos_cap_v2",
+        beta_schedule: str = "linear",
     ) -> "DiffusionGenerator":
         """A fresh, randomly initialised generator. Cross-attention sits on every level but the first
         (the highest resolution) when there are more than two levels, else on all of them."""

@@ -195,9 +195,9 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
                     self.buffer.add(cls, proj(tok.to(self.config.device).unsqueeze(0))[0], self.prompt(cls))
 
     def train_generator(self, images: Tensor, labels: Tensor, cond_new: Dict[int, Tensor]) -> None:
-        """``generator_steps`` AdamW steps on batches that mix the new classes' real images (LDM loss) and the
-        old classes' replay set (generative distillation against a frozen copy of the generator as it was),
-        in proportion to their numbers of classes."""
+        """``generator_steps`` AdamW steps on batches that mix the new classes' real images (LDM loss) and, with
+        share ``generator_replay_fraction``, the old classes' replay set (generative distillation against a frozen
+        copy of the generator as it was); each term is weighted by its share of the batch."""
         c = self.config
         gen = self.generator
         device = c.device
@@ -213,7 +213,7 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
             emb_old = self.buffer.stack(old_classes).to(device)
             lookup_old = torch.full((max(old_classes) + 1,), -1, dtype=torch.long)
             lookup_old[torch.tensor(old_classes)] = torch.arange(len(old_classes))
-            b_old = round(c.generator_batch_size * len(old_classes) / (len(old_classes) + len(new_ids)))
+            b_old = round(c.generator_batch_size * c.generator_replay_fraction)
             b_old = min(max(b_old, 1), c.generator_batch_size - 1)
         else:
             b_old = 0
