@@ -216,7 +216,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     out = args.out or os.path.join("runs", f"{exp.benchmark}-{exp.strategy}-seed{exp.seed}")
-    summary = run_experiment(exp, out, verbose=not args.quiet)
+    from .data import DataError
+    from .generator import GeneratorError
+    from .text_encoders import TextEncoderError
+
+    try:
+        summary = run_experiment(exp, out, verbose=not args.quiet)
+    except (DataError, GeneratorError, TextEncoderError) as exc:  # raised while setting up, before training
+        parser.error(str(exc))
     print(json.dumps({k: summary[k] for k in ("benchmark", "strategy", "final_average_accuracy", "wall_time_s")}))
     print(f"outputs in {out}")
     return 0

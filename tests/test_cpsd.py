@@ -17,14 +17,7 @@ from avalanche_drcpsd.losses import cpsd_loss
 L, D = 6, 16  # token positions and hidden size of the tiny "text encoder" states
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Function-scoped so that it runs after any per-test thread setting of a conftest: on 2 shared cores a
-    # tiny UNet step is ~100x slower with 2 intra-op threads than with 1 when another process is busy.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- CPSDProjection ---------------------------------------------------------------------------------

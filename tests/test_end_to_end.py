@@ -17,8 +17,8 @@ from avalanche_drcpsd.run import ExperimentConfig, run_experiment
 
 from conftest import tiny_config
 
-N_EXP = 3
-MARGIN = 0.25
+N_EXP = 2
+MARGIN = 0.3
 
 
 def _old_class_accuracy(strategy, benchmark):
@@ -35,9 +35,12 @@ def _run(strategy_name, benchmark):
                   criterion=nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=2, eval_mb_size=256,
                   evaluator=EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[]))
     if strategy_name == "drcpsd":
-        cfg = tiny_config(generator_steps=60, generator_batch_size=32, n_replay_per_class=100, sampling_steps=4,
-                          guidance_scale=3.0, replay_batch_real=32, replay_batch_syn=32, cpsd_batch_size=16,
-                          cpsd_max_images_per_class=32, gap_samples_per_class=0)
+        # the smallest budget at which the generator draws recognisable digits on a 2-core CPU (see
+        # results/README.md); with a generator that draws noise no replay method can keep old classes
+        cfg = tiny_config(unet_block_out_channels=(32, 64, 64), generator_steps=250, generator_batch_size=32,
+                          n_replay_per_class=200, sampling_steps=8, guidance_scale=3.0, replay_batch_real=32,
+                          replay_batch_syn=32, cpsd_batch_size=32, cpsd_max_images_per_class=32,
+                          gap_samples_per_class=0)
         strategy = DRCPSD(config=cfg, class_names=benchmark.class_names, verbose=False, **common)
     else:
         strategy = Naive(**common)

@@ -15,14 +15,7 @@ from avalanche_drcpsd.generator import DiffusionGenerator, GeneratorError, Gener
 L, D = 4, 16  # condition tokens and cross-attention width
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Function-scoped so that it runs after any per-test thread setting of a conftest: on 2 shared cores a
-    # tiny UNet step is ~100x slower with 2 intra-op threads than with 1 when another process is busy.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(image_shape=(1, 8, 8), patch_size=1, channels=(8, 16), seed=0) -> DiffusionGenerator:
