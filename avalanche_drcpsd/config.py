@@ -107,6 +107,8 @@ class DRCPSDConfig:
     replay_batch_syn: int = 16
     #: None: the classifier's own learning rate (a fresh optimiser of the same class and settings).
     replay_lr: Optional[float] = None
+    #: *package*: clip the student's gradient norm during replay (None: off, as in the reference).
+    replay_grad_clip: Optional[float] = None
     #: weight of the real-data CE in the isolation loss CE(syn) + kappa * CE(real).
     kappa: float = 0.05
     #: weight of the new teacher in MSE(h_s, h_old) + pi * MSE(h_s, h_new).
@@ -152,6 +154,8 @@ class DRCPSDConfig:
             _positive(name, getattr(self, name))
         if self.replay_lr is not None:
             _positive("replay_lr", self.replay_lr)
+        if self.replay_grad_clip is not None:
+            _positive("replay_grad_clip", self.replay_grad_clip)
         for name in ("lambda_mmd", "generator_distill_weight", "kappa", "pi"):
             _non_negative(name, getattr(self, name))
         for name in ("cond_dropout",):

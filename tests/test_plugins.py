@@ -200,3 +200,16 @@ def test_frozen_generator_is_not_trained(mnist_small):
     after = gen.generator.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert gen.learned_classes == [0, 1, 2, 3], "CPSD embeddings are still learned for the new classes"
+
+
+def test_replay_publishes_loss_terms_and_clips_gradients(mnist_small):
+    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8, grad_clip=1e-3,
+                               verbose=False)
+    strategy = _naive(MLP(), [replay])
+    for exp in mnist_small.train_stream[:2]:
+        strategy.train(exp)
+    stats = replay.stats[1]
+    assert set(stats) == {f"{k}_{a}" for k in ("isolation", "distill", "grad_norm") for a in ("mean", "max")}
+    assert stats["isolation_mean"] > 0 and stats["grad_norm_max"] > 1e-3, "norms are recorded before clipping"
+    with pytest.raises(ValueError, match="grad_clip=0"):
+        DreamReplayPlugin(FakeSource([]), grad_clip=0)

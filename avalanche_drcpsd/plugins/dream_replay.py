@@ -30,6 +30,7 @@ import itertools
 from typing import Callable, List, Optional, Protocol, Sequence, Set, Tuple
 
 import torch
+from avalanche.evaluation.metric_results import MetricValue
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
@@ -63,6 +64,7 @@ class DreamReplayPlugin(SupervisedPlugin):
         student_init: str = "average",
         ema_alpha: float = 0.1,
         replay_lr: Optional[float] = None,
+        grad_clip: Optional[float] = None,
         distill: Optional[DistillPlugin] = None,
         syn_transform: Optional[Callable[[Tensor], Tensor]] = None,
         timer: Optional[PhaseTimer] = None,
@@ -74,6 +76,7 @@ class DreamReplayPlugin(SupervisedPlugin):
             targets, not active during ordinary training) when None.
         :param replay_lr: learning rate of the replay optimiser (same class and settings as the strategy's);
             None keeps the strategy optimiser's own.
+        :param grad_clip: clip the student's gradient norm at this value during replay (None: no clipping).
         :param syn_transform: applied to synthetic batches (e.g. the benchmark's normalisation).
         """
         super().__init__()
@@ -93,6 +96,11 @@ class DreamReplayPlugin(SupervisedPlugin):
         self.kappa = kappa
         self.alpha = 0.5 if student_init == "average" else ema_alpha
         self.replay_lr = replay_lr
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"grad_clip={grad_clip!r} must be > 0 or None")
+        self.grad_clip = grad_clip
+        #: per experience: mean and max of the isolation and distillation terms and of the gradient norm
+        self.stats: dict = {}
         self.distill = distill if distill is not None else DistillPlugin(pi=pi, during_training=False)
         self.syn_transform = syn_transform
         self.timer = timer if timer is not None else PhaseTimer()
@@ -105,7 +113,7 @@ class DreamReplayPlugin(SupervisedPlugin):
         return cls(source, n_replay_per_class=config.n_replay_per_class, replay_epochs=config.replay_epochs,
                    batch_real=config.replay_batch_real, batch_syn=config.replay_batch_syn, kappa=config.kappa,
                    pi=config.pi, student_init=config.student_init, ema_alpha=config.ema_alpha,
-                   replay_lr=config.replay_lr, **kwargs)
+                   replay_lr=config.replay_lr, grad_clip=config.replay_grad_clip, **kwargs)
 
     # --- hooks -----------------------------------------------------------------------------------------
     def before_training_exp(self, strategy, **kwargs):
@@ -137,6 +145,7 @@ class DreamReplayPlugin(SupervisedPlugin):
         steps = max(len(real), len(syn))
         bar = tqdm(total=steps * self.replay_epochs, desc=f"exp {strategy.experience.current_experience} replay",
                    disable=not self.verbose, leave=False)
+        trace: dict = {}
         for _ in range(self.replay_epochs):
             for (xr, yr, *_), (xs, ys) in itertools.islice(zip(_cycle(real), _cycle(syn)), steps):
                 xr, yr = xr.to(device), yr.to(device)
@@ -145,17 +154,27 @@ class DreamReplayPlugin(SupervisedPlugin):
                     xs = self.syn_transform(xs)
                 logits, h = forward_with_features(model, torch.cat([xs, xr]), self.distill.feature_layer)
                 n = xs.shape[0]
-                loss = isolation_loss(logits[:n], ys, logits[n:], yr, self.kappa)
-                loss = loss + self.distill.replay_loss(h[:n], xs, h[n:], xr)
+                ce = isolation_loss(logits[:n], ys, logits[n:], yr, self.kappa)
+                kd = self.distill.replay_loss(h[:n], xs, h[n:], xr)
+                loss = ce + kd
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"non-finite replay loss ({loss.item()}) in experience {strategy.experience.current_experience}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip or float("inf"))
                 optimizer.step()
+                for name, value in (("isolation", ce), ("distill", kd), ("grad_norm", norm)):
+                    trace.setdefault(name, []).append(float(value))
                 self.replayed_batches += 1
                 bar.update(1)
         bar.close()
+        exp = strategy.experience.current_experience
+        self.stats[exp] = {f"{k}_{name}": agg(v) for k, v in trace.items()
+                           for name, agg in (("mean", lambda v: sum(v) / len(v)), ("max", max))}
+        for key, value in self.stats[exp].items():
+            strategy.evaluator.publish_metric_value(
+                MetricValue(self, f"Replay/{key}/Exp{exp:03d}", value, strategy.clock.train_iterations))
 
     def _make_optimizer(self, strategy) -> torch.optim.Optimizer:
         """A fresh optimiser of the strategy's class and settings on the student (lr overridable)."""
