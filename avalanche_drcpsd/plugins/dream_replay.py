@@ -165,7 +165,7 @@ class DreamReplayPlugin(SupervisedPlugin):
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip or float("inf"))
                 optimizer.step()
                 for name, value in (("isolation", ce), ("distill", kd), ("grad_norm", norm)):
-                    trace.setdefault(name, []).append(float(value))
+                    trace.setdefault(name, []).append(float(value.detach()))
                 self.replayed_batches += 1
                 bar.update(1)
         bar.close()
