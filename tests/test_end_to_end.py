@@ -90,3 +90,14 @@ def test_runner_writes_logs_state_and_summary(tmp_path):
                  "samples_exp0.png", "samples_exp1.png", "summary.json", "config.json"):
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "summary.json").read_text())["stored_real_images"] == 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug (open, issue 2): dream replay erases the current task. On this setting the old classes keep 0.995 "
+    "accuracy but the new classes fall from ~0.99 (new teacher) to 0.0 after replay. Suspect: CE on synthetic "
+    "images over all logits with weight 1 against kappa=0.05 CE on real pushes the new-class logits down for "
+    "every input. Same cause likely behind the Split-MNIST collapse in results/README.md."))
+def test_drcpsd_keeps_the_new_classes_after_replay(mnist_e2e):
+    strategy, _ = _run("drcpsd", mnist_e2e)
+    results = strategy.eval(mnist_e2e.test_stream[N_EXP - 1: N_EXP])
+    assert results[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{N_EXP - 1:03d}"] >= 0.8
