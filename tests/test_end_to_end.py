@@ -54,8 +54,14 @@ def mnist_e2e(data_root):
     return split_mnist(data_root, train_per_class=150, test_per_class=100, seed=0)
 
 
-def test_drcpsd_keeps_more_old_class_accuracy_than_naive(mnist_e2e, tmp_path):
-    drcpsd, acc_drcpsd = _run("drcpsd", mnist_e2e)
+@pytest.fixture(scope="module")
+def drcpsd_run(mnist_e2e):
+    """One DR-CPSD run shared by the tests below (it is the slow part of this file)."""
+    return _run("drcpsd", mnist_e2e)
+
+
+def test_drcpsd_keeps_more_old_class_accuracy_than_naive(mnist_e2e, drcpsd_run, tmp_path):
+    drcpsd, acc_drcpsd = drcpsd_run
     _, acc_naive = _run("naive", mnist_e2e)
     print(f"old-class accuracy after {N_EXP} experiences: DR-CPSD {acc_drcpsd:.3f}, Naive {acc_naive:.3f}")
     assert acc_drcpsd >= acc_naive + MARGIN
@@ -97,7 +103,7 @@ def test_runner_writes_logs_state_and_summary(tmp_path):
     "accuracy but the new classes fall from ~0.99 (new teacher) to 0.0 after replay. Suspect: CE on synthetic "
     "images over all logits with weight 1 against kappa=0.05 CE on real pushes the new-class logits down for "
     "every input. Same cause likely behind the Split-MNIST collapse in results/README.md."))
-def test_drcpsd_keeps_the_new_classes_after_replay(mnist_e2e):
-    strategy, _ = _run("drcpsd", mnist_e2e)
+def test_drcpsd_keeps_the_new_classes_after_replay(mnist_e2e, drcpsd_run):
+    strategy, _ = drcpsd_run
     results = strategy.eval(mnist_e2e.test_stream[N_EXP - 1: N_EXP])
     assert results[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{N_EXP - 1:03d}"] >= 0.8
