@@ -116,6 +116,10 @@ class DRCPSDConfig:
     #: ``split``: the old teacher sees the synthetic half, the new teacher the real half; ``both``: each
     #: teacher sees the whole paired batch.
     distill_targets: str = "split"
+    #: *package*: weight of the old teacher's logit distillation (KD over the old classes' logits, on the whole
+    #: paired batch, temperature ``replay_kd_temperature``) added to the replay loss; 0 (off) as in the reference.
+    replay_kd_weight: float = 0.0
+    replay_kd_temperature: float = 2.0
     student_init: str = "average"
     ema_alpha: float = 0.1
 
@@ -150,13 +154,13 @@ class DRCPSDConfig:
             _int_at_least(name, getattr(self, name), 0)
         if self.cpsd_max_images_per_class is not None:
             _int_at_least("cpsd_max_images_per_class", self.cpsd_max_images_per_class, 1)
-        for name in ("cpsd_lr", "generator_lr", "snr_gamma"):
+        for name in ("cpsd_lr", "generator_lr", "snr_gamma", "replay_kd_temperature"):
             _positive(name, getattr(self, name))
         if self.replay_lr is not None:
             _positive("replay_lr", self.replay_lr)
         if self.replay_grad_clip is not None:
             _positive("replay_grad_clip", self.replay_grad_clip)
-        for name in ("lambda_mmd", "generator_distill_weight", "kappa", "pi"):
+        for name in ("lambda_mmd", "generator_distill_weight", "kappa", "pi", "replay_kd_weight"):
             _non_negative(name, getattr(self, name))
         for name in ("cond_dropout",):
             v = _number(name, getattr(self, name))

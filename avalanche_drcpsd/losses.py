@@ -21,6 +21,7 @@ __all__ = [
     "cpsd_loss",
     "isolation_loss",
     "feature_distillation_loss",
+    "logit_distillation_loss",
     "generative_distillation_loss",
 ]
 
@@ -111,6 +112,23 @@ def feature_distillation_loss(h_student_old: Tensor, h_old: Tensor, h_student_ne
     :math:`\mathcal{L}_{Distill} = MSE(h_s, h_{old}) + \pi\,MSE(h_s, h_{new})`, where each teacher's term uses
     the student's features on the same inputs that teacher saw (``h_student_old`` pairs with ``h_old``)."""
     return F.mse_loss(h_student_old, h_old) + pi * F.mse_loss(h_student_new, h_new)
+
+
+def logit_distillation_loss(logits_student: Tensor, logits_teacher: Tensor, classes: Sequence[int],
+                            temperature: float = 2.0) -> Tensor:
+    r"""Knowledge distillation (Hinton et al., 2015; as in LwF, Li & Hoiem, 2016) restricted to the teacher's
+    classes :math:`C`:
+    :math:`T^2\,\frac{1}{B}\sum_i KL\big(\sigma(z^{t}_{i,C}/T)\,\Vert\,\sigma(z^{s}_{i,C}/T)\big)`.
+    In dream replay the old teacher's old-class logits are distilled on the whole paired batch, so the student
+    inherits what the old teacher learned from *real* old-class images, not only what the synthetic images show."""
+    idx = torch.as_tensor(list(classes), dtype=torch.long, device=logits_student.device)
+    if idx.numel() == 0:
+        raise ValueError("logit_distillation_loss needs at least one class")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0")
+    log_p = F.log_softmax(logits_student.index_select(1, idx) / temperature, dim=1)
+    q = F.softmax(logits_teacher.index_select(1, idx) / temperature, dim=1)
+    return temperature ** 2 * F.kl_div(log_p, q, reduction="batchmean")
 
 
 def generative_distillation_loss(noise_pred_student: Tensor, noise_pred_teacher: Tensor) -> Tensor:

@@ -39,6 +39,7 @@ def test_reference_defaults():
     assert c.prompt_template == "a photo of a {}"
     assert c.mmd_kind == "mean"
     assert c.replay_lr is None
+    assert c.replay_kd_weight == 0.0 and c.replay_kd_temperature == 2.0  # package option, off
     assert c.distill_targets == "split"
     assert c.generator == "unet" and c.generator_path is None
     assert c.unet_block_out_channels == (32, 64, 64)
@@ -91,6 +92,8 @@ INVALID = [
     (dict(snr_gamma=0), ["snr_gamma", "0"]),
     (dict(replay_lr=0.0), ["replay_lr", "0.0"]),
     (dict(replay_lr="0.1"), ["replay_lr", "'0.1'"]),
+    (dict(replay_kd_weight=-1.0), ["replay_kd_weight", "-1.0"]),
+    (dict(replay_kd_temperature=0), ["replay_kd_temperature", "0"]),
     (dict(ema_alpha=0.0), ["ema_alpha", "0.0"]),
     (dict(ema_alpha=1.5), ["ema_alpha", "1.5"]),
     (dict(beta_schedule="cosine"), ["beta_schedule", "'cosine'"]),

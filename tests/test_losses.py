@@ -17,6 +17,7 @@ from avalanche_drcpsd.losses import (
     generative_distillation_loss,
     isolation_loss,
     ldm_loss,
+    logit_distillation_loss,
     min_snr_weights,
     mmd_gaussian,
     mmd_mean_match,
@@ -264,3 +265,39 @@ def test_cpsd_loss_rejects_unknown_kind_even_without_mmd():
     x = torch.zeros(2, 1, 2, 2)
     with pytest.raises(ValueError, match="kind='bogus'"):
         cpsd_loss(x, x, torch.ones(2), 5.0, lam=0.0, kind="bogus")
+
+
+# --- logit distillation (package option of dream replay) ---------------------------------------------
+def test_logit_distillation_loss_by_hand():
+    """Row 1, classes {0, 1}, T = 2: teacher [2 ln 3, 0]/2 -> q = (3/4, 1/4); student [0, 0] -> p = (1/2, 1/2);
+    KL(q || p) = 3/4 ln(3/2) + 1/4 ln(1/2). Row 2: equal logits -> 0. Class 2's logits are ignored.
+    batchmean over 2 rows, times T^2 = 4."""
+    student = torch.tensor([[0.0, 0.0, 5.0], [1.0, 2.0, -3.0]])
+    teacher = torch.tensor([[2 * math.log(3.0), 0.0, 100.0], [1.0, 2.0, 7.0]])
+    kl_row1 = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    expected = 4 * kl_row1 / 2
+    assert logit_distillation_loss(student, teacher, [0, 1], temperature=2.0).item() == approx(expected)
+
+
+def test_logit_distillation_loss_temperature_one_by_hand():
+    """T = 1: teacher [ln 3, 0] -> (3/4, 1/4), student [0, 0] -> (1/2, 1/2); one row, factor T^2 = 1."""
+    student = torch.tensor([[0.0, 0.0]])
+    teacher = torch.tensor([[math.log(3.0), 0.0]])
+    expected = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    assert logit_distillation_loss(student, teacher, [0, 1], temperature=1.0).item() == approx(expected)
+
+
+def test_logit_distillation_loss_only_moves_the_chosen_logits():
+    student = torch.zeros(1, 3, requires_grad=True)
+    teacher = torch.tensor([[3.0, 0.0, 0.0]])
+    logit_distillation_loss(student, teacher, [0, 1]).backward()
+    assert student.grad[0, 2].item() == 0.0
+    assert student.grad[0, 0].item() < 0 < student.grad[0, 1].item()  # pulls class 0 up, class 1 down
+
+
+@pytest.mark.parametrize("classes, temperature, match", [([], 2.0, "at least one class"),
+                                                        ([0], 0.0, "temperature=0.0"),
+                                                        ([0], -1.0, "temperature=-1.0")])
+def test_logit_distillation_loss_rejects_bad_arguments(classes, temperature, match):
+    with pytest.raises(ValueError, match=match):
+        logit_distillation_loss(torch.zeros(1, 2), torch.zeros(1, 2), classes, temperature=temperature)

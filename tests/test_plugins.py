@@ -213,3 +213,29 @@ def test_replay_publishes_loss_terms_and_clips_gradients(mnist_small):
     assert stats["isolation_mean"] > 0 and stats["grad_norm_max"] > 1e-3, "norms are recorded before clipping"
     with pytest.raises(ValueError, match="grad_clip=0"):
         DreamReplayPlugin(FakeSource([]), grad_clip=0)
+
+
+def test_replay_logit_distillation_is_off_by_default_and_keeps_old_teacher_outputs(mnist_small):
+    """kd_weight > 0 adds the old teacher's old-class logit distillation: it is traced, and the student ends
+    closer to the old teacher's old-class predictions than the same replay without it."""
+    from avalanche_drcpsd.losses import logit_distillation_loss
+
+    exps = mnist_small.train_stream[:2]
+    results = {}
+    for weight in (0.0, 5.0):
+        torch.manual_seed(0)
+        replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8,
+                                   kd_weight=weight, verbose=False)
+        strategy = _naive(MLP(), [replay])
+        for exp in exps:
+            strategy.train(exp)
+        x, _ = dataset_tensors(exps[1].dataset.eval())
+        with torch.no_grad():
+            gap = logit_distillation_loss(strategy.model(x[:64]), replay.distill.old_teacher(x[:64]),
+                                          sorted(exps[0].classes_in_this_experience))
+        results[weight] = (replay.stats[1], gap.item())
+    assert "logit_kd_mean" not in results[0.0][0]
+    assert results[5.0][0]["logit_kd_mean"] > 0
+    assert results[5.0][1] < results[0.0][1]
+    with pytest.raises(ValueError, match="kd_weight=-1"):
+        DreamReplayPlugin(FakeSource([]), kd_weight=-1)

@@ -9,10 +9,12 @@ teacher*), the plugin
 3. trains it for ``replay_epochs`` over paired batches (``batch_real`` real + ``batch_syn`` synthetic) with
 
 .. math:: \mathcal{L} = CE(f_s(x^{syn}), y^{syn}) + \kappa\,CE(f_s(x^{real}), y^{real})
-          + MSE(h_s, h_{old}) + \pi\,MSE(h_s, h_{new})
+          + MSE(h_s, h_{old}) + \pi\,MSE(h_s, h_{new}) \;[+\,\beta\,KD_T(z_s, z_{old}; C_{old})]
 
 (by default the old teacher sees the synthetic half and the new teacher the real half, see
-:class:`DistillPlugin`), and the student becomes the model.
+:class:`DistillPlugin`), and the student becomes the model. The bracketed term is a package option (``kd_weight``
+:math:`\beta`, off by default): the old teacher's old-class logits distilled on the whole paired batch
+(:func:`~avalanche_drcpsd.losses.logit_distillation_loss`).
 
 Because replay starts only after the real training ends, no synthetic image ever reaches the classifier while
 it learns the current task: the real/synthetic confusion of joint generative replay is avoided.
@@ -37,7 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from ..features import forward_with_features
-from ..losses import isolation_loss
+from ..losses import isolation_loss, logit_distillation_loss
 from ..utils import PhaseTimer, interpolate_state_dicts
 from .distill import DistillPlugin
 
@@ -65,6 +67,8 @@ class DreamReplayPlugin(SupervisedPlugin):
         ema_alpha: float = 0.1,
         replay_lr: Optional[float] = None,
         grad_clip: Optional[float] = None,
+        kd_weight: float = 0.0,
+        kd_temperature: float = 2.0,
         distill: Optional[DistillPlugin] = None,
         syn_transform: Optional[Callable[[Tensor], Tensor]] = None,
         timer: Optional[PhaseTimer] = None,
@@ -77,6 +81,8 @@ class DreamReplayPlugin(SupervisedPlugin):
         :param replay_lr: learning rate of the replay optimiser (same class and settings as the strategy's);
             None keeps the strategy optimiser's own.
         :param grad_clip: clip the student's gradient norm at this value during replay (None: no clipping).
+        :param kd_weight: weight of the old teacher's logit distillation over the old classes (0: off).
+        :param kd_temperature: its temperature.
         :param syn_transform: applied to synthetic batches (e.g. the benchmark's normalisation).
         """
         super().__init__()
@@ -88,6 +94,10 @@ class DreamReplayPlugin(SupervisedPlugin):
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
         if kappa < 0:
             raise ValueError(f"kappa={kappa!r} must be >= 0")
+        if kd_weight < 0 or not kd_temperature > 0:
+            raise ValueError(f"kd_weight={kd_weight!r} must be >= 0 and kd_temperature={kd_temperature!r} > 0")
+        self.kd_weight = kd_weight
+        self.kd_temperature = kd_temperature
         self.source = source
         self.n_replay_per_class = n_replay_per_class
         self.replay_epochs = replay_epochs
@@ -113,7 +123,8 @@ class DreamReplayPlugin(SupervisedPlugin):
         return cls(source, n_replay_per_class=config.n_replay_per_class, replay_epochs=config.replay_epochs,
                    batch_real=config.replay_batch_real, batch_syn=config.replay_batch_syn, kappa=config.kappa,
                    pi=config.pi, student_init=config.student_init, ema_alpha=config.ema_alpha,
-                   replay_lr=config.replay_lr, grad_clip=config.replay_grad_clip, **kwargs)
+                   replay_lr=config.replay_lr, grad_clip=config.replay_grad_clip,
+                   kd_weight=config.replay_kd_weight, kd_temperature=config.replay_kd_temperature, **kwargs)
 
     # --- hooks -----------------------------------------------------------------------------------------
     def before_training_exp(self, strategy, **kwargs):
@@ -126,10 +137,14 @@ class DreamReplayPlugin(SupervisedPlugin):
             return
         x_syn, y_syn = self.source.sample_replay(old_classes, self.n_replay_per_class)
         with self.timer("replay", strategy.experience.current_experience):
-            self.replay(strategy, x_syn, y_syn)
+            self.replay(strategy, x_syn, y_syn, old_classes)
 
     # --- the replay phase ------------------------------------------------------------------------------
-    def replay(self, strategy, x_syn: Tensor, y_syn: Tensor) -> None:
+    def replay(self, strategy, x_syn: Tensor, y_syn: Tensor, old_classes: Optional[Sequence[int]] = None) -> None:
+        """Train the averaged student on paired batches; ``old_classes`` (default: the labels of ``x_syn``) are
+        the classes whose logits the optional logit distillation covers."""
+        if old_classes is None:
+            old_classes = sorted(set(int(c) for c in y_syn.tolist()))
         model = strategy.model
         device = strategy.device
         self.distill.set_new_teacher(model)
@@ -156,7 +171,12 @@ class DreamReplayPlugin(SupervisedPlugin):
                 n = xs.shape[0]
                 ce = isolation_loss(logits[:n], ys, logits[n:], yr, self.kappa)
                 kd = self.distill.replay_loss(h[:n], xs, h[n:], xr)
-                loss = ce + kd
+                terms = {"isolation": ce, "distill": kd}
+                if self.kd_weight > 0:
+                    with torch.no_grad():
+                        z_old = self.distill.old_teacher(torch.cat([xs, xr]))
+                    terms["logit_kd"] = logit_distillation_loss(logits, z_old, old_classes, self.kd_temperature)
+                loss = ce + kd + self.kd_weight * terms.get("logit_kd", 0.0)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"non-finite replay loss ({loss.item()}) in experience {strategy.experience.current_experience}")
@@ -164,7 +184,7 @@ class DreamReplayPlugin(SupervisedPlugin):
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip or float("inf"))
                 optimizer.step()
-                for name, value in (("isolation", ce), ("distill", kd), ("grad_norm", norm)):
+                for name, value in {**terms, "grad_norm": norm}.items():
                     trace.setdefault(name, []).append(float(value.detach()))
                 self.replayed_batches += 1
                 bar.update(1)
