@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import string
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -33,6 +34,7 @@ _CHOICES = {
     "student_init": ("average", "ema"),
     "distill_targets": ("split", "both"),
     "cpsd_order": ("after_generator", "before_generator"),
+    "kappa_schedule": ("constant", "balanced"),
 }
 
 
@@ -69,8 +71,13 @@ class DRCPSDConfig:
     generator: str = "unet"
     #: Load a saved generator (``save_pretrained`` directory) instead of building a fresh one.
     generator_path: Optional[str] = None
-    #: Text encoder spec for :func:`avalanche_drcpsd.text_encoders.load_text_encoder` (None: offline default).
+    #: Text encoder spec for :func:`avalanche_drcpsd.text_encoders.load_text_encoder` (None: offline default, or
+    #: the pipeline's own ``text_encoder/`` + ``tokenizer/`` with ``generator="stable_diffusion"``).
     text_encoder: Optional[Dict[str, Any]] = None
+    #: *package*, ``stable_diffusion`` only: options of ``StableDiffusionGenerator.from_pretrained`` (``torch_dtype``
+    #: e.g. ``"bfloat16"``, ``resolution``, ``compile_unet``, ``offload``, ``attention``, ``variant``,
+    #: ``vae_batch_size``). None: float32, the pipeline's native resolution, no compile, no offload.
+    generator_options: Optional[Dict[str, Any]] = None
     #: *package*: space-to-depth factor of the pixel-space UNet (1: plain pixels; 2: 2x2 patches as channels).
     patch_size: int = 2
     unet_block_out_channels: Tuple[int, ...] = (32, 64, 64)
@@ -99,6 +106,9 @@ class DRCPSDConfig:
     #: a fixed scale, or ``(low, high)``: a scale drawn from U(low, high) per image (reference: U(5, 9)).
     guidance_scale: Union[float, Tuple[float, float]] = (5.0, 9.0)
     sample_batch_size: int = 256
+    #: *package*: directory of the synthetic-set cache (``<dir>/task_<k>/<class>/<idx>.png`` + ``manifest.json``,
+    #: see :mod:`avalanche_drcpsd.synthetic_cache`); a replay set is reused when its manifest matches. None: off.
+    synthetic_cache_dir: Optional[str] = None
 
     # --- dream replay ---------------------------------------------------------------------------------
     n_replay_per_class: int = 6000
@@ -111,6 +121,9 @@ class DRCPSDConfig:
     replay_grad_clip: Optional[float] = None
     #: weight of the real-data CE in the isolation loss CE(syn) + kappa * CE(real).
     kappa: float = 0.05
+    #: *package*: ``constant`` (the reference) uses ``kappa`` as is; ``balanced`` uses
+    #: ``kappa * |new classes| / |old classes|`` at each experience (:func:`~avalanche_drcpsd.losses.balanced_kappa`).
+    kappa_schedule: str = "constant"
     #: weight of the new teacher in MSE(h_s, h_old) + pi * MSE(h_s, h_new).
     pi: float = 1.0
     #: ``split``: the old teacher sees the synthetic half, the new teacher the real half; ``both``: each
@@ -132,6 +145,8 @@ class DRCPSDConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if isinstance(self.synthetic_cache_dir, os.PathLike):
+            self.synthetic_cache_dir = os.fspath(self.synthetic_cache_dir)
         self.unet_block_out_channels = _as_int_tuple("unet_block_out_channels", self.unet_block_out_channels)
         if isinstance(self.guidance_scale, (list, tuple)):
             self.guidance_scale = tuple(float(_number("guidance_scale", g)) for g in self.guidance_scale)
@@ -152,6 +167,8 @@ class DRCPSDConfig:
             _int_at_least(name, getattr(self, name), 1)
         for name in ("generator_steps", "gap_samples_per_class", "seed"):
             _int_at_least(name, getattr(self, name), 0)
+        if self.seed >= 2 ** 32:
+            raise ConfigError(f"seed={self.seed!r} must be < 2**32 (what numpy and torch accept as a seed)")
         if self.cpsd_max_images_per_class is not None:
             _int_at_least("cpsd_max_images_per_class", self.cpsd_max_images_per_class, 1)
         for name in ("cpsd_lr", "generator_lr", "snr_gamma", "replay_kd_temperature"):
@@ -191,10 +208,18 @@ class DRCPSDConfig:
             )
         if self.generator == "stable_diffusion" and not self.generator_path:
             raise ConfigError("generator='stable_diffusion' needs generator_path: a local diffusers pipeline directory")
-        if self.generator_path is not None and not isinstance(self.generator_path, (str, os.PathLike)):
+        if self.generator_path is not None and (not isinstance(self.generator_path, (str, os.PathLike))
+                                                or "\x00" in os.fspath(self.generator_path)):
             raise ConfigError(f"generator_path={self.generator_path!r} must be a path")
         if self.text_encoder is not None and not isinstance(self.text_encoder, dict):
             raise ConfigError(f"text_encoder={self.text_encoder!r} must be a dict spec or None")
+        _check_generator_options(self.generator_options, self.generator)
+        if self.synthetic_cache_dir is not None:
+            if not isinstance(self.synthetic_cache_dir, str) or not self.synthetic_cache_dir \
+                    or "\x00" in self.synthetic_cache_dir:
+                raise ConfigError(f"synthetic_cache_dir={self.synthetic_cache_dir!r} must be a non-empty path or None")
+            if os.path.exists(self.synthetic_cache_dir) and not os.path.isdir(self.synthetic_cache_dir):
+                raise ConfigError(f"synthetic_cache_dir={self.synthetic_cache_dir!r} exists and is not a directory")
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device={self.device!r}; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
         return self
@@ -222,8 +247,10 @@ class DRCPSDConfig:
                 values = json.load(fh)
         except FileNotFoundError:
             raise ConfigError(f"config file {os.fspath(path)!r} does not exist") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {os.fspath(path)!r} is not valid JSON: {exc}") from None
+        except (OSError, RecursionError, ValueError) as exc:
+            raise ConfigError(f"config file {os.fspath(path)!r} cannot be read: {exc}") from None
         return cls.from_dict(values)
 
     def replace(self, **changes: Any) -> "DRCPSDConfig":
@@ -261,10 +288,42 @@ def check_prompt_template(template: Any, error: type = ConfigError) -> None:
     expected = "a str with exactly one '{}' for the class name, e.g. 'a photo of a {}'"
     if not isinstance(template, str) or template.count("{}") != 1:
         raise error(f"prompt_template={template!r}; expected {expected}")
-    try:
-        template.format("x")
-    except (KeyError, IndexError, ValueError) as exc:
+    try:  # parse, never format: a field such as '{:999999999}' would build a huge string
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
         raise error(f"prompt_template={template!r} cannot be formatted ({exc!r}); expected {expected}") from None
+    if fields != [("", "", None)]:  # e.g. '{{}}' (no placeholder), '{} {0.x}', '{!r}'
+        raise error(f"prompt_template={template!r} must hold '{{}}' as its only replacement field; expected {expected}")
+
+
+#: Keys of ``generator_options`` (the options of ``avalanche_drcpsd.sd.StableDiffusionGenerator.from_pretrained``).
+SD_OPTION_KEYS = ("torch_dtype", "resolution", "compile_unet", "offload", "attention", "variant", "vae_batch_size")
+
+
+def _check_generator_options(options: Any, generator: str) -> None:
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise ConfigError(f"generator_options={options!r} must be a dict or None")
+    if options and generator != "stable_diffusion":
+        raise ConfigError(f"generator_options={options!r} only apply to generator='stable_diffusion' "
+                          f"(generator={generator!r})")
+    unknown = sorted(set(options) - set(SD_OPTION_KEYS))
+    if unknown:
+        raise ConfigError(f"generator_options has unknown key(s) {unknown}; expected some of {list(SD_OPTION_KEYS)}")
+    dtype = options.get("torch_dtype")
+    if dtype is not None and dtype not in ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16"):
+        raise ConfigError(f"generator_options['torch_dtype']={dtype!r}; expected 'float32', 'bfloat16' or 'float16'")
+    for key in ("resolution", "vae_batch_size"):
+        if options.get(key) is not None:
+            _int_at_least(f"generator_options['{key}']", options[key], 1)
+    for key in ("compile_unet", "offload"):
+        if key in options and not isinstance(options[key], bool):
+            raise ConfigError(f"generator_options['{key}']={options[key]!r} must be true or false")
+    if options.get("attention", "sdpa") not in ("sdpa", "default"):
+        raise ConfigError(f"generator_options['attention']={options['attention']!r}; expected 'sdpa' or 'default'")
+    if options.get("variant") is not None and not isinstance(options["variant"], str):
+        raise ConfigError(f"generator_options['variant']={options['variant']!r} must be a string such as 'fp16'")
 
 
 def _positive(name: str, value: Any) -> None:

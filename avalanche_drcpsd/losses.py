@@ -20,6 +20,7 @@ __all__ = [
     "mmd_gaussian",
     "cpsd_loss",
     "isolation_loss",
+    "balanced_kappa",
     "feature_distillation_loss",
     "logit_distillation_loss",
     "generative_distillation_loss",
@@ -104,6 +105,19 @@ def cpsd_loss(
 def isolation_loss(logits_syn: Tensor, y_syn: Tensor, logits_real: Tensor, y_real: Tensor, kappa: float = 0.05) -> Tensor:
     r"""Real-synthetic isolation: :math:`\mathcal{L}_{CE} = CE(\hat y^{syn}, \bar y) + \kappa\,CE(\hat y^{real}, y)`."""
     return F.cross_entropy(logits_syn, y_syn) + kappa * F.cross_entropy(logits_real, y_real)
+
+
+def balanced_kappa(kappa: float, n_new_classes: int, n_old_classes: int) -> float:
+    r"""Class-balanced isolation weight :math:`\kappa_t = \kappa\,|C_{new}|/|C_{old}|`.
+
+    The isolation loss averages the CE over each half of a paired batch, so with equal halves every old class
+    (synthetic half, :math:`|C_{old}|` classes) weighs :math:`1/|C_{old}|` and every new class
+    :math:`\kappa/|C_{new}|`; with :math:`\kappa = 1` this weight makes all classes equal. For experiences of
+    equal size it is the 1/(t+1) real vs 1 - 1/(t+1) replay weighting of generative replay with distillation
+    (Masip et al., 2023): :math:`\kappa_t = 1/t`."""
+    if n_new_classes < 1 or n_old_classes < 1:
+        raise ValueError(f"balanced_kappa needs >= 1 new and >= 1 old class, got {n_new_classes} and {n_old_classes}")
+    return kappa * n_new_classes / n_old_classes
 
 
 def feature_distillation_loss(h_student_old: Tensor, h_old: Tensor, h_student_new: Tensor, h_new: Tensor,

@@ -39,6 +39,7 @@ def test_reference_defaults():
     assert c.prompt_template == "a photo of a {}"
     assert c.mmd_kind == "mean"
     assert c.replay_lr is None
+    assert c.kappa_schedule == "constant"
     assert c.replay_kd_weight == 0.0 and c.replay_kd_temperature == 2.0  # package option, off
     assert c.distill_targets == "split"
     assert c.generator == "unet" and c.generator_path is None
@@ -93,6 +94,7 @@ INVALID = [
     (dict(replay_lr=0.0), ["replay_lr", "0.0"]),
     (dict(replay_lr="0.1"), ["replay_lr", "'0.1'"]),
     (dict(replay_kd_weight=-1.0), ["replay_kd_weight", "-1.0"]),
+    (dict(kappa_schedule="linear"), ["kappa_schedule", "'linear'"]),
     (dict(replay_kd_temperature=0), ["replay_kd_temperature", "0"]),
     (dict(ema_alpha=0.0), ["ema_alpha", "0.0"]),
     (dict(ema_alpha=1.5), ["ema_alpha", "1.5"]),

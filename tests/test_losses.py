@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from avalanche_drcpsd.losses import (
+    balanced_kappa,
     cpsd_loss,
     feature_distillation_loss,
     generative_distillation_loss,
@@ -301,3 +302,23 @@ def test_logit_distillation_loss_only_moves_the_chosen_logits():
 def test_logit_distillation_loss_rejects_bad_arguments(classes, temperature, match):
     with pytest.raises(ValueError, match=match):
         logit_distillation_loss(torch.zeros(1, 2), torch.zeros(1, 2), classes, temperature=temperature)
+
+
+# --- class-balanced isolation weight ------------------------------------------------------------------
+@pytest.mark.parametrize("kappa, new, old, expected", [(1.0, 2, 2, 1.0), (1.0, 2, 8, 0.25), (0.5, 9, 18, 0.25),
+                                                       (1.0, 8, 27, 8 / 27)])
+def test_balanced_kappa_by_hand(kappa, new, old, expected):
+    assert balanced_kappa(kappa, new, old) == approx(expected)
+
+
+def test_balanced_kappa_makes_every_class_weigh_the_same():
+    """Equal halves of B images: an old class gets weight 1/|old| of the synthetic CE, a new class
+    kappa_t/|new| of the real CE; kappa = 1 balances them."""
+    k = balanced_kappa(1.0, 2, 6)
+    assert 1 / 6 == approx(k / 2)
+
+
+@pytest.mark.parametrize("new, old", [(0, 2), (2, 0)])
+def test_balanced_kappa_rejects_empty_class_sets(new, old):
+    with pytest.raises(ValueError, match="balanced_kappa needs"):
+        balanced_kappa(1.0, new, old)

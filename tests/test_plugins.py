@@ -239,3 +239,22 @@ def test_replay_logit_distillation_is_off_by_default_and_keeps_old_teacher_outpu
     assert results[5.0][1] < results[0.0][1]
     with pytest.raises(ValueError, match="kd_weight=-1"):
         DreamReplayPlugin(FakeSource([]), kd_weight=-1)
+
+
+def test_balanced_kappa_schedule_weighs_new_classes_by_their_share(mnist_small):
+    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8, kappa=1.0,
+                               kappa_schedule="balanced", verbose=False)
+    strategy = _naive(MLP(), [replay])
+    for exp in mnist_small.train_stream[:3]:
+        strategy.train(exp)
+    sizes = [len(e.classes_in_this_experience) for e in mnist_small.train_stream[:3]]
+    assert replay.effective_kappa[1] == pytest.approx(sizes[1] / sizes[0])
+    assert replay.effective_kappa[2] == pytest.approx(sizes[2] / (sizes[0] + sizes[1]))
+    constant = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8, kappa=0.05,
+                                 verbose=False)
+    strategy = _naive(MLP(), [constant])
+    for exp in mnist_small.train_stream[:2]:
+        strategy.train(exp)
+    assert constant.effective_kappa == {1: 0.05}
+    with pytest.raises(ValueError, match="kappa_schedule='linear'"):
+        DreamReplayPlugin(FakeSource([]), kappa_schedule="linear")

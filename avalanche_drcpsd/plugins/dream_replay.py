@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from ..features import forward_with_features
-from ..losses import isolation_loss, logit_distillation_loss
+from ..losses import balanced_kappa, isolation_loss, logit_distillation_loss
 from ..utils import PhaseTimer, interpolate_state_dicts
 from .distill import DistillPlugin
 
@@ -62,6 +62,7 @@ class DreamReplayPlugin(SupervisedPlugin):
         batch_real: int = 16,
         batch_syn: int = 16,
         kappa: float = 0.05,
+        kappa_schedule: str = "constant",
         pi: float = 1.0,
         student_init: str = "average",
         ema_alpha: float = 0.1,
@@ -81,6 +82,9 @@ class DreamReplayPlugin(SupervisedPlugin):
         :param replay_lr: learning rate of the replay optimiser (same class and settings as the strategy's);
             None keeps the strategy optimiser's own.
         :param grad_clip: clip the student's gradient norm at this value during replay (None: no clipping).
+        :param kappa_schedule: ``constant`` (reference) or ``balanced``: ``kappa * |new| / |old|`` classes at
+            each experience (:func:`~avalanche_drcpsd.losses.balanced_kappa`); the value used is kept in
+            ``effective_kappa[experience]``.
         :param kd_weight: weight of the old teacher's logit distillation over the old classes (0: off).
         :param kd_temperature: its temperature.
         :param syn_transform: applied to synthetic batches (e.g. the benchmark's normalisation).
@@ -94,6 +98,9 @@ class DreamReplayPlugin(SupervisedPlugin):
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
         if kappa < 0:
             raise ValueError(f"kappa={kappa!r} must be >= 0")
+        if kappa_schedule not in ("constant", "balanced"):
+            raise ValueError(f"kappa_schedule={kappa_schedule!r}; expected 'constant' or 'balanced'")
+        self.kappa_schedule = kappa_schedule
         if kd_weight < 0 or not kd_temperature > 0:
             raise ValueError(f"kd_weight={kd_weight!r} must be >= 0 and kd_temperature={kd_temperature!r} > 0")
         self.kd_weight = kd_weight
@@ -111,6 +118,8 @@ class DreamReplayPlugin(SupervisedPlugin):
         self.grad_clip = grad_clip
         #: per experience: mean and max of the isolation and distillation terms and of the gradient norm
         self.stats: dict = {}
+        #: per experience: the isolation weight actually used
+        self.effective_kappa: dict = {}
         self.distill = distill if distill is not None else DistillPlugin(pi=pi, during_training=False)
         self.syn_transform = syn_transform
         self.timer = timer if timer is not None else PhaseTimer()
@@ -122,7 +131,7 @@ class DreamReplayPlugin(SupervisedPlugin):
     def from_config(cls, source: SyntheticSource, config, **kwargs) -> "DreamReplayPlugin":
         return cls(source, n_replay_per_class=config.n_replay_per_class, replay_epochs=config.replay_epochs,
                    batch_real=config.replay_batch_real, batch_syn=config.replay_batch_syn, kappa=config.kappa,
-                   pi=config.pi, student_init=config.student_init, ema_alpha=config.ema_alpha,
+                   kappa_schedule=config.kappa_schedule, pi=config.pi, student_init=config.student_init, ema_alpha=config.ema_alpha,
                    replay_lr=config.replay_lr, grad_clip=config.replay_grad_clip,
                    kd_weight=config.replay_kd_weight, kd_temperature=config.replay_kd_temperature, **kwargs)
 
@@ -145,6 +154,11 @@ class DreamReplayPlugin(SupervisedPlugin):
         the classes whose logits the optional logit distillation covers."""
         if old_classes is None:
             old_classes = sorted(set(int(c) for c in y_syn.tolist()))
+        kappa = self.kappa
+        if self.kappa_schedule == "balanced":
+            new_classes = set(int(c) for c in strategy.experience.classes_in_this_experience) - set(old_classes)
+            kappa = balanced_kappa(self.kappa, len(new_classes), len(old_classes))
+        self.effective_kappa[strategy.experience.current_experience] = kappa
         model = strategy.model
         device = strategy.device
         self.distill.set_new_teacher(model)
@@ -169,7 +183,7 @@ class DreamReplayPlugin(SupervisedPlugin):
                     xs = self.syn_transform(xs)
                 logits, h = forward_with_features(model, torch.cat([xs, xr]), self.distill.feature_layer)
                 n = xs.shape[0]
-                ce = isolation_loss(logits[:n], ys, logits[n:], yr, self.kappa)
+                ce = isolation_loss(logits[:n], ys, logits[n:], yr, kappa)
                 kd = self.distill.replay_loss(h[:n], xs, h[n:], xr)
                 terms = {"isolation": ce, "distill": kd}
                 if self.kd_weight > 0:
