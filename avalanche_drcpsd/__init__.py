@@ -4,6 +4,8 @@ from .config import ConfigError, DRCPSDConfig
 from .cpsd import CPSDProjection, EmbeddingBuffer
 from .generator import DiffusionGenerator
 from .logging import MetricsCSVLogger
+from .sd import StableDiffusionGenerator, load_generator
+from .synthetic_cache import SyntheticCache
 from .plugins import CPSDGeneratorPlugin, DistillPlugin, DreamReplayPlugin, MMDPlugin
 from .strategy import DRCPSD
 
@@ -21,4 +23,7 @@ __all__ = [
     "CPSDProjection",
     "EmbeddingBuffer",
     "MetricsCSVLogger",
+    "StableDiffusionGenerator",
+    "load_generator",
+    "SyntheticCache",
 ]

@@ -15,13 +15,19 @@ Per training experience :math:`t` the plugin runs three phases around the strate
 
 No real image is kept: the buffer and the generator are all that remains of an old class.
 
+With ``generator="stable_diffusion"`` (the published method) the generator is a frozen pretrained Stable Diffusion
+(:class:`~avalanche_drcpsd.sd.StableDiffusionGenerator`, loaded from ``generator_path`` with
+``generator_options``), the text encoder defaults to the pipeline's own, and the generator phase never runs: only
+the CPSD projections learn. With ``synthetic_cache_dir`` the replay set of each experience is written to (and on
+resume read from) :class:`~avalanche_drcpsd.synthetic_cache.SyntheticCache`.
+
 Reference: DR-CPSD (Dream Replay with CLIP Projection Stable Diffusion); generative distillation: S. Masip et al.,
 "Continual Learning of Diffusion Models with Generative Distillation", arXiv:2311.14028.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from avalanche.training.plugins import SupervisedPlugin
@@ -32,7 +38,8 @@ from ..config import DRCPSDConfig
 from ..cpsd import EmbeddingBuffer, train_cpsd_projection
 from ..generator import DiffusionGenerator
 from ..losses import generative_distillation_loss, ldm_loss
-from ..text_encoders import TextEncoder, load_text_encoder
+from ..synthetic_cache import SyntheticCache, generator_identity, tensor_sha256
+from ..text_encoders import TextEncoder, TextEncoderError, load_text_encoder
 from ..utils import PhaseTimer, dataset_tensors, frozen_copy
 
 __all__ = ["CPSDGeneratorPlugin"]
@@ -50,13 +57,17 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         text_encoder: Optional[TextEncoder] = None,
         timer: Optional[PhaseTimer] = None,
         verbose: bool = True,
+        cache_dir: Optional[str] = None,
     ):
         """
         :param config: DR-CPSD hyper-parameters (reference defaults when None).
         :param class_names: names used in the prompts, index = class id (``"class {id}"`` when None).
-        :param generator: a ready generator; else one is built at the first experience (or loaded from
-            ``config.generator_path``).
-        :param text_encoder: a frozen text encoder; else ``config.text_encoder`` is loaded (offline default when None).
+        :param generator: a ready generator (a :class:`DiffusionGenerator` or a frozen
+            :class:`~avalanche_drcpsd.sd.StableDiffusionGenerator`); else one is built at the first experience (or
+            loaded from ``config.generator_path``).
+        :param text_encoder: a frozen text encoder; else ``config.text_encoder`` is loaded (when None: the offline
+            default, or the Stable Diffusion pipeline's own encoder with ``generator="stable_diffusion"``).
+        :param cache_dir: synthetic-set cache directory (default ``config.synthetic_cache_dir``; None: no cache).
         """
         super().__init__()
         self.config = (config or DRCPSDConfig()).validate()
@@ -67,22 +78,58 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         self.verbose = verbose
         self.buffer: Optional[EmbeddingBuffer] = None
         self.rng = torch.Generator().manual_seed(self.config.seed)
-        self.trainable = self.config.generator == "unet"
+        cache_dir = cache_dir if cache_dir is not None else self.config.synthetic_cache_dir
+        self.cache: Optional[SyntheticCache] = SyntheticCache(cache_dir) if cache_dir is not None else None
         self._replay: Optional[Tuple[Tuple[int, ...], int, Tensor, Tensor]] = None
         self._exp = 0
+        self._trainable: Optional[bool] = None
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the generator phase runs: the offline generator learns, a frozen pretrained one never does.
+        Assign ``False`` to freeze the offline generator too (e.g. one trained beforehand); only the CPSD
+        embeddings of new classes are then learned."""
+        if self._trainable is not None:
+            return self._trainable
+        return self.config.generator == "unet" and not getattr(self.generator, "frozen", False)
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"trainable={value!r}; expected True or False")
+        if value and getattr(self.generator, "frozen", False):
+            raise ValueError("trainable=True for a frozen pretrained generator; only the CPSD projections learn")
+        self._trainable = value
 
     # --- set-up ------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Load the text encoder and (when configured) the generator now, so a bad path fails before training."""
+        """Load the text encoder and (when configured) the generator now, so a bad path fails before training.
+        A Stable Diffusion generator is loaded first, since its pipeline provides the default text encoder."""
+        c = self.config
+        if self.generator is None and c.generator == "stable_diffusion":
+            from ..sd import StableDiffusionGenerator
+
+            self.generator = StableDiffusionGenerator.from_pretrained(c.generator_path, device=c.device,
+                                                                      **(c.generator_options or {}))
         if self.text_encoder is None:
-            self.text_encoder = load_text_encoder(self.config.text_encoder)
+            if c.text_encoder is None and hasattr(self.generator, "load_text_encoder"):
+                self.text_encoder = self.generator.load_text_encoder()
+            else:
+                self.text_encoder = load_text_encoder(c.text_encoder)
         if self.buffer is None:
             self.buffer = EmbeddingBuffer(null=self.text_encoder.null_embedding(),
                                           encoder_identity=self.text_encoder.identity)
-        if self.generator is None and self.config.generator_path is not None:
-            self.generator = DiffusionGenerator.from_pretrained(self.config.generator_path, device=self.config.device)
+        if self.generator is None and c.generator_path is not None:
+            self.generator = DiffusionGenerator.from_pretrained(c.generator_path, device=c.device)
+        if self.generator is not None:
+            width = self.generator.unet.config.cross_attention_dim
+            if width != self.text_encoder.hidden_size:
+                raise TextEncoderError(f"the text encoder's hidden size {self.text_encoder.hidden_size} does not match "
+                                       f"the generator's cross_attention_dim {width}")
 
     def _ensure_generator(self, image_shape: Sequence[int]) -> DiffusionGenerator:
+        if hasattr(self.generator, "set_output_shape") and self.generator.output_shape != tuple(image_shape):
+            self.generator.set_output_shape(image_shape)  # a pretrained generator's images take the data's shape
         if self.generator is None:
             c = self.config
             with torch.random.fork_rng(devices=[]):
@@ -112,7 +159,7 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         if self.generator is None or self.buffer is None:
             raise RuntimeError("the generator has not been built yet: train on an experience first")
         c = self.config
-        seed = c.seed * 1_000_003 + 7919 * self._exp if seed is None else seed
+        seed = self._default_seed() if seed is None else seed
         gen = self.generator
         was_training = gen.training
         gen.eval()
@@ -132,14 +179,55 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         gen.train(was_training)
         return torch.cat(xs), torch.cat(ys)
 
+    def _default_seed(self) -> int:
+        return self.config.seed * 1_000_003 + 7919 * self._exp
+
     def sample_replay(self, classes: Sequence[int], n_per_class: int) -> Tuple[Tensor, Tensor]:
-        """The replay set of this experience (generated once, in ``before_training_exp``, and reused)."""
+        """The replay set of this experience (generated once, in ``before_training_exp``, and reused; read from and
+        written to the synthetic cache as task ``<experience>`` when there is one)."""
         key = (tuple(int(c) for c in classes), int(n_per_class))
         if self._replay is None or self._replay[:2] != key:
+            desc = f"exp {self._exp} generation"
             with self.timer("generation", self._exp):
-                x, y = self.sample(key[0], key[1], desc=f"exp {self._exp} generation")
+                if self.cache is not None:
+                    x, y = self.sample_cached(key[0], key[1], task=self._exp, desc=desc)
+                else:
+                    x, y = self.sample(key[0], key[1], desc=desc)
             self._replay = (key[0], key[1], x, y)
         return self._replay[2], self._replay[3]
+
+    def cache_settings(self, classes: Sequence[int], n_per_class: int, seed: int) -> Dict[str, Any]:
+        """Everything that determines :meth:`sample`'s images, JSON-able: the synthetic cache's manifest settings
+        (classes, prompts, per-class seeds and embedding hashes, guidance, sampler, steps, batch size, the
+        generator's identity and the image shape)."""
+        c = self.config
+        gen = self.generator
+        classes = [int(k) for k in classes]
+        shape = gen.image_shape if hasattr(gen, "image_shape") else gen.spec.image_shape
+        return {
+            "classes": classes, "n_per_class": int(n_per_class),
+            "prompts": {str(k): self.buffer.prompts.get(k, "") for k in classes},
+            "seeds": {str(k): int(seed) + k for k in classes},
+            "embeddings_sha256": {str(k): tensor_sha256(self.buffer.embeddings[k]) for k in classes},
+            "null_sha256": tensor_sha256(self.buffer.null),
+            "guidance_scale": c.guidance_scale, "sampler": c.sampler, "steps": c.sampling_steps,
+            "sample_batch_size": c.sample_batch_size, "generator": generator_identity(gen),
+            "image_shape": list(shape),
+        }
+
+    def sample_cached(self, classes: Sequence[int], n_per_class: int, *, task: int, seed: Optional[int] = None,
+                      desc: str = "sampling") -> Tuple[Tensor, Tensor]:
+        """:meth:`sample` through the synthetic cache: task ``task`` is read back when its manifest matches
+        :meth:`cache_settings` and its files verify, else generated and written (images quantised to 8 bits)."""
+        if self.cache is None:
+            raise RuntimeError("no synthetic cache: set cache_dir or config.synthetic_cache_dir")
+        if self.generator is None or self.buffer is None:
+            raise RuntimeError("the generator has not been built yet: train on an experience first")
+        seed = self._default_seed() if seed is None else seed
+        settings = self.cache_settings(classes, n_per_class, seed)
+        x, y, _ = self.cache.get_or_generate(task, settings,
+                                             lambda: self.sample(classes, n_per_class, seed=seed, desc=desc))
+        return x, y
 
     # --- hooks -------------------------------------------------------------------------------------------
     def before_training(self, strategy, **kwargs):
@@ -149,6 +237,8 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         self.setup()
         self._exp = strategy.experience.current_experience
         self._replay = None
+        if getattr(self.generator, "output_shape", ()) is None:  # a pretrained generator resumed before any class
+            self.generator.set_output_shape(tuple(strategy.experience.dataset[0][0].shape))
         old = self.learned_classes
         if old and self.generator is not None:
             self.sample_replay(old, self.config.n_replay_per_class)
