@@ -103,12 +103,69 @@ class DRCPSD(SupervisedTemplate):
                     MetricValue(self, f"PhaseTime/{phase}/Exp{exp:03d}", seconds, self.clock.train_iterations))
 
     def save(self, directory: Union[str, os.PathLike]) -> None:
-        """The run's learned state: ``classifier.safetensors``, ``generator/`` and ``embeddings.safetensors``."""
+        """The run's learned state: ``classifier.safetensors``, ``generator/`` and ``embeddings.safetensors``.
+
+        Every file is written atomically (a temporary file moved into place), so a killed process leaves either the
+        previous or the new version of each; :meth:`load` reads them back (safetensors only, nothing executed)."""
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         atomic_write(os.path.join(directory, "classifier.safetensors"), lambda tmp: save_file(state, tmp))
         if self.generator is not None:
-            self.generator.save_pretrained(os.path.join(directory, "generator"))
+            _save_generator_atomically(self.generator, os.path.join(directory, "generator"))
         if self.buffer is not None:
             self.buffer.save(os.path.join(directory, "embeddings.safetensors"))
+
+    def load(self, directory: Union[str, os.PathLike]) -> None:
+        """Read back what :meth:`save` wrote: the classifier's weights (into ``self.model``), the generator and the
+        embedding buffer. Weights are read with safetensors only; a missing or mismatched file raises an error
+        naming it."""
+        from safetensors.torch import load_file
+
+        from .cpsd import EmbeddingBuffer
+        from .sd import load_generator
+
+        directory = os.fspath(directory)
+        path = os.path.join(directory, "classifier.safetensors")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path!r} does not exist; expected a folder written by DRCPSD.save")
+        try:
+            self.model.load_state_dict(load_file(path), strict=True)
+        except Exception as exc:  # safetensors' own error for a corrupt file, RuntimeError for a mismatch
+            raise ValueError(f"cannot load the classifier from {path!r}: {str(exc).splitlines()[0]}") from exc
+        generator_dir = os.path.join(directory, "generator")
+        if os.path.isdir(generator_dir):
+            c = self.config
+            options = (c.generator_options or {}) if c.generator == "stable_diffusion" else {}
+            self.generator_plugin.generator = load_generator(generator_dir, device=c.device, **options)
+        buffer_path = os.path.join(directory, "embeddings.safetensors")
+        if os.path.isfile(buffer_path):
+            self.generator_plugin.buffer = EmbeddingBuffer.load(buffer_path)
+        self.generator_plugin.setup()
+
+
+def _save_generator_atomically(generator, target: str) -> None:
+    """``generator.save_pretrained(target)`` with every file moved into place by ``os.replace`` (diffusers writes
+    its files in place): the generator is written to a temporary sibling folder first."""
+    import shutil
+    import tempfile
+
+    from .utils import WriteError, write_error
+
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-generator-", dir=parent)
+    try:
+        generator.save_pretrained(tmp)
+        for root, _, files in os.walk(tmp):
+            rel = os.path.relpath(root, tmp)
+            dest_dir = os.path.normpath(os.path.join(target, rel))
+            os.makedirs(dest_dir, exist_ok=True)
+            for name in files:
+                os.replace(os.path.join(root, name), os.path.join(dest_dir, name))
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise write_error(target, exc) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

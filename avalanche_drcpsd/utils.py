@@ -1,14 +1,17 @@
-"""Small shared helpers: frozen copies, weight interpolation, atomic writes, phase timing, tensors of a dataset."""
+"""Small shared helpers: frozen copies, weight interpolation, atomic writes, phase timing, tensors of a dataset,
+and the checks run on an experience's data before training."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import hashlib
 import os
 import tempfile
 import time
 from collections import defaultdict
-from typing import Callable, Dict, Iterator, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -18,8 +21,13 @@ __all__ = [
     "frozen_copy",
     "interpolate_state_dicts",
     "atomic_write",
+    "atomic_write_bytes",
+    "WriteError",
+    "write_error",
+    "sha256_file",
     "PhaseTimer",
     "dataset_tensors",
+    "check_experience_data",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -50,22 +58,75 @@ def interpolate_state_dicts(old: Mapping[str, Tensor], new: Mapping[str, Tensor]
     return out
 
 
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+class WriteError(OSError):
+    """Writing an output file failed (``errno`` as the underlying ``OSError``, e.g. ``ENOSPC`` for a full disk); the
+    message names the file and says what is left of it."""
+
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+
+
+def write_error(path: PathLike, exc: OSError, *, kept: str = "the previous version, if any, is intact") -> WriteError:
+    """A :class:`WriteError` for ``exc`` raised while writing ``path``: ``"cannot write 'x': No space left on device
+    (disk full); <kept>"``."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    hint = " (disk full: free some space and run again)" if exc.errno in _DISK_FULL else ""
+    err = WriteError(exc.errno, f"cannot write {os.fspath(path)!r}: {reason}{hint}; {kept}")
+    err.filename = os.fspath(path)
+    return err
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None], *, fsync: bool = False) -> None:
     """Call ``write(tmp_path)`` and move the result onto ``path`` in one ``os.replace``: a reader never sees a
-    half-written file, and a killed process leaves the previous version intact."""
+    half-written file, and a killed process leaves the previous version intact. An ``OSError`` (a full disk, a
+    read-only folder) is raised as :class:`WriteError` naming ``path``. ``fsync``: flush the file to the disk
+    before the rename (durable across a power cut, not only a killed process)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    os.close(fd)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+        os.close(fd)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise write_error(path, exc) from exc
         raise
+
+
+def atomic_write_bytes(path: PathLike, data: bytes, *, fsync: bool = False) -> None:
+    """:func:`atomic_write` of a bytes payload."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    atomic_write(path, write, fsync=fsync)
+
+
+def sha256_file(path: PathLike, limit: Optional[int] = None) -> str:
+    """Hex SHA-256 of a file (of its first ``limit`` bytes when given)."""
+    h = hashlib.sha256()
+    left = limit
+    with open(path, "rb") as fh:
+        while left is None or left > 0:
+            chunk = fh.read(1 << 20 if left is None else min(1 << 20, left))
+            if not chunk:
+                break
+            h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return h.hexdigest()
 
 
 def _umask() -> int:
@@ -75,18 +136,38 @@ def _umask() -> int:
 
 
 class PhaseTimer:
-    """Wall time per (experience, phase), e.g. ``with timer("generator", exp=2): ...``."""
+    """Wall time per (experience, phase), e.g. ``with timer("generator", exp=2): ...``.
+
+    ``listeners``: objects told about phase boundaries, ``phase_started(phase, exp)`` when a phase begins and
+    ``phase_ended(phase, exp)`` when it ends without an error (after its time is recorded); the run's
+    checkpointer is one. An exception escaping a phase gets a ``drcpsd_phase = (exp, phase)`` attribute (the
+    innermost phase), so the error can be reported with the phase and experience it happened in."""
 
     def __init__(self) -> None:
         self.seconds: Dict[Tuple[int, str], float] = defaultdict(float)
+        self.listeners: List[Any] = []
+        self.active: List[Tuple[int, str]] = []
 
     @contextlib.contextmanager
     def __call__(self, phase: str, exp: int) -> Iterator[None]:
+        for listener in list(self.listeners):
+            if hasattr(listener, "phase_started"):
+                listener.phase_started(phase, exp)
         start = time.perf_counter()
+        self.active.append((exp, phase))
         try:
             yield
+        except BaseException as exc:
+            if not hasattr(exc, "drcpsd_phase"):
+                with contextlib.suppress(AttributeError, TypeError):
+                    exc.drcpsd_phase = (exp, phase)
+            raise
         finally:
+            self.active.pop()
             self.seconds[(exp, phase)] += time.perf_counter() - start
+        for listener in list(self.listeners):
+            if hasattr(listener, "phase_ended"):
+                listener.phase_ended(phase, exp)
 
     def total(self, phase: str) -> float:
         return sum(v for (_, p), v in self.seconds.items() if p == phase)
@@ -102,3 +183,57 @@ def dataset_tensors(dataset: Dataset, batch_size: int = 1024) -> Tuple[Tensor, T
     if not xs:
         raise ValueError("the dataset is empty")
     return torch.cat(xs), torch.cat(ys).long()
+
+
+def check_experience_data(dataset: Any, *, image_shape: Sequence[int], num_classes: int, experience: int,
+                          samples: int = 16) -> None:
+    """Refuse an experience's data set whose labels a ``num_classes``-way classifier cannot learn or whose images are
+    not ``image_shape`` (C, H, W) finite values in [0, 1], before any training: raises
+    :class:`~avalanche_drcpsd.data.DataError` naming the experience, the bad value and what was expected.
+
+    Labels are checked in full (from the data set's ``targets`` when it has them); images on ``samples`` items
+    spread over the data set (shape, dtype, finiteness and range)."""
+    from .data import DataError
+
+    where = f"experience {experience}"
+    n = len(dataset)
+    if n == 0:
+        raise DataError(f"{where}: the training data set is empty")
+    targets = getattr(dataset, "targets", None)
+    try:
+        labels = torch.as_tensor(list(targets)) if targets is not None else None
+    except (TypeError, ValueError, RuntimeError):
+        labels = None
+    if labels is None:
+        labels = torch.as_tensor([int(torch.as_tensor(dataset[i][1])) for i in range(n)])
+    if labels.dim() != 1 or len(labels) != n:
+        raise DataError(f"{where}: expected one label per image ({n}), got labels of shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        if labels.dtype == torch.bool or not bool(torch.all(labels == labels.round())):
+            raise DataError(f"{where}: labels must be integer class ids, got {labels.dtype} values")
+        labels = labels.long()
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        wrong = sorted(set(labels[bad].tolist()))
+        raise DataError(f"{where}: label(s) {wrong[:10]} out of range; the classifier has {num_classes} classes, "
+                        f"so labels must be in 0..{num_classes - 1}")
+    expected = tuple(int(v) for v in image_shape)
+    picks = sorted(set(torch.linspace(0, n - 1, min(samples, n)).round().long().tolist()))
+    if hasattr(dataset, "eval"):
+        dataset = dataset.eval()  # no random augmentation: the check must not draw from any random generator
+    for i in picks:
+        with torch.random.fork_rng(devices=[]):
+            x = dataset[i][0]
+        if not isinstance(x, torch.Tensor):
+            raise DataError(f"{where}: item {i} is a {type(x).__name__}, expected a float tensor of shape {expected} "
+                            "(apply a ToTensor transform)")
+        if tuple(x.shape) != expected:
+            raise DataError(f"{where}: item {i} has shape {tuple(x.shape)}, expected {expected} (C, H, W) as the "
+                            "classifier and the generator were built for")
+        if not x.is_floating_point():
+            raise DataError(f"{where}: item {i} has dtype {x.dtype}, expected floating point values in [0, 1]")
+        if not bool(torch.isfinite(x).all()):
+            raise DataError(f"{where}: item {i} holds non-finite values (NaN or inf)")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise DataError(f"{where}: item {i} has values in [{lo:.3g}, {hi:.3g}], expected images in [0, 1]")

@@ -69,8 +69,8 @@ def test_data_root_without_files_names_the_missing_file(tmp_path):
 def test_experiment_config_rejects_unknown_fields_and_values():
     with pytest.raises(ConfigError, match="'epochs'"):
         ExperimentConfig.from_dict({"epochs": 3})
-    with pytest.raises(ConfigError, match="strategy='gdumb'"):
-        ExperimentConfig(strategy="gdumb")
+    with pytest.raises(ConfigError, match="strategy='icarl'"):
+        ExperimentConfig(strategy="icarl")
     with pytest.raises(ConfigError, match="kappa"):
         ExperimentConfig.from_dict({"drcpsd": {"kappa": "high"}})
 

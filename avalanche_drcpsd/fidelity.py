@@ -1,0 +1,164 @@
+"""FID and KID between real and synthetic images, offline, with a feature extractor trained on the benchmark.
+
+torch-fidelity's standard extractors (Inception-v3, CLIP, DINOv2) download weights and are trained on natural
+photos, so neither works here nor measures much on 28x28 digits. Following the practice of reporting FID with a
+domain classifier's features (e.g. the LeNet "FID" of many MNIST generative-replay papers), this module
+registers ``drcpsd-classifier`` with torch-fidelity: the penultimate features of a
+:class:`~avalanche_drcpsd.models.SmallCNN` trained on the benchmark's *whole* training set (all classes), saved
+as ``<dir>/extractor.safetensors`` + ``<dir>/extractor.json``.
+
+* :func:`train_feature_extractor`: train and save it (atomically).
+* :func:`fid_kid`: :math:`FID = \\lVert\\mu_r-\\mu_s\\rVert^2 + Tr(\\Sigma_r+\\Sigma_s-2(\\Sigma_r\\Sigma_s)^{1/2})`
+  (Heusel et al., 2017) and the unbiased polynomial-kernel KID (Binkowski et al., 2018), computed by
+  torch-fidelity on those features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .models import SmallCNN
+from .utils import atomic_write
+
+__all__ = ["EXTRACTOR_NAME", "train_feature_extractor", "fid_kid", "FidelityError"]
+
+EXTRACTOR_NAME = "drcpsd-classifier"
+_WEIGHTS, _SPEC = "extractor.safetensors", "extractor.json"
+
+
+class FidelityError(ValueError):
+    """A missing or unusable feature-extractor directory or image set (the message names it)."""
+
+
+def _load_extractor(directory: Union[str, os.PathLike]) -> SmallCNN:
+    directory = os.fspath(directory)
+    missing = [n for n in (_WEIGHTS, _SPEC) if not os.path.isfile(os.path.join(directory, n))]
+    if missing:
+        raise FidelityError(f"feature-extractor directory {directory!r} lacks {missing}; expected a folder written "
+                            "by avalanche_drcpsd.fidelity.train_feature_extractor")
+    with open(os.path.join(directory, _SPEC), encoding="utf-8") as fh:
+        spec = json.load(fh)
+    model = SmallCNN(num_classes=spec["num_classes"], in_channels=spec["in_channels"], image_size=spec["image_size"])
+    model.load_state_dict(load_file(os.path.join(directory, _WEIGHTS)))
+    return model.eval()
+
+
+def _penultimate(model: SmallCNN, x: Tensor) -> Tensor:
+    return model.features(model.normalize(x))
+
+
+def _register() -> None:
+    import torch_fidelity
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if EXTRACTOR_NAME in FEATURE_EXTRACTORS_REGISTRY:
+        return
+
+    class _Extractor(FeatureExtractorBase):
+        """uint8 ``(N, 3, H, W)`` (torch-fidelity's input convention) -> the classifier's penultimate features."""
+
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+            super().__init__(name, features_list)
+            if feature_extractor_weights_path is None:
+                raise FidelityError("the drcpsd-classifier feature extractor needs feature_extractor_weights_path "
+                                    "(a directory written by train_feature_extractor); nothing is downloaded")
+            self.model = _load_extractor(feature_extractor_weights_path)
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("features",)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return "features"
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return None
+
+        def forward(self, x):
+            x = x.float() / 255.0
+            if self.model.features[0].in_channels == 1 and x.shape[1] == 3:
+                x = x.mean(1, keepdim=True)
+            return (_penultimate(self.model, x).double(),)
+
+    torch_fidelity.register_feature_extractor(EXTRACTOR_NAME, _Extractor)
+
+
+def train_feature_extractor(images: Tensor, labels: Tensor, directory: Union[str, os.PathLike], *,
+                            num_classes: Optional[int] = None, epochs: int = 2, batch_size: int = 128,
+                            lr: float = 0.05, seed: int = 0) -> str:
+    """Train a SmallCNN on ``images`` ([0, 1], ``(N, C, H, W)``) and ``labels`` and save it to ``directory``."""
+    if images.dim() != 4 or images.shape[2] != images.shape[3]:
+        raise FidelityError(f"images of shape {tuple(images.shape)}; expected (N, C, S, S) in [0, 1]")
+    if len(images) != len(labels) or len(images) == 0:
+        raise FidelityError(f"{len(images)} images and {len(labels)} labels; expected the same non-zero number")
+    num_classes = int(num_classes or int(labels.max()) + 1)
+    spec = {"num_classes": num_classes, "in_channels": int(images.shape[1]), "image_size": int(images.shape[2])}
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SmallCNN(**spec)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=g)
+        for start in range(0, len(images), batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(model(images[idx].float()), labels[idx].long())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(os.path.join(directory, _WEIGHTS), lambda tmp: save_file(state, tmp))
+    text = json.dumps(spec)
+    atomic_write(os.path.join(directory, _SPEC), lambda tmp: open(tmp, "w", encoding="utf-8").write(text))
+    return directory
+
+
+class _Uint8Images(Dataset):
+    """[0, 1] float images -> uint8 RGB tensors, torch-fidelity's input convention."""
+
+    def __init__(self, images: Tensor):
+        x = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+        self.x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.x[i]
+
+
+def fid_kid(real: Tensor, synthetic: Tensor, extractor_dir: Union[str, os.PathLike], *,
+            kid_subset_size: Optional[int] = None, kid_subsets: int = 50, batch_size: int = 256) -> Dict[str, float]:
+    """``{"fid", "kid_mean", "kid_std"}`` between two sets of [0, 1] images ``(N, C, H, W)``."""
+    for name, x in (("real", real), ("synthetic", synthetic)):
+        if x.dim() != 4 or len(x) < 2:
+            raise FidelityError(f"{name} images of shape {tuple(x.shape)}; expected (N >= 2, C, H, W)")
+    _register()
+    import torch_fidelity
+
+    subset = kid_subset_size or min(len(real), len(synthetic), 1000)
+    m = torch_fidelity.calculate_metrics(
+        input1=_Uint8Images(real), input2=_Uint8Images(synthetic), fid=True, kid=True,
+        feature_extractor=EXTRACTOR_NAME, feature_extractor_weights_path=os.fspath(extractor_dir),
+        kid_subset_size=subset, kid_subsets=kid_subsets, batch_size=batch_size, cuda=False, cache=False,
+        save_cpu_ram=True, verbose=False)
+    return {"fid": float(m["frechet_inception_distance"]), "kid_mean": float(m["kernel_inception_distance_mean"]),
+            "kid_std": float(m["kernel_inception_distance_std"])}

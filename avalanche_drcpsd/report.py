@@ -1,0 +1,314 @@
+"""Rebuild a benchmark's summary, plots and report from its CSV folders alone.
+
+    python -m avalanche_drcpsd.report results/split_mnist
+
+reads every run under ``<folder>/runs/<strategy>/seed<k>/logs/`` (Avalanche ``CSVLogger``'s
+``eval_results.csv``, this package's ``metrics.csv`` and ``run_info.csv``) and writes, atomically:
+
+* ``summary.csv``: per strategy, mean and std over seeds of the final average accuracy, the final stream
+  accuracy, the average forgetting and the wall time, with the stored real images and generator parameters;
+* ``accuracy.png``: accuracy on the whole test stream after each experience, per strategy (mean, seed band);
+* ``accuracy_matrix.png``: per strategy, the seed-mean accuracy on experience *j* after training on *i*;
+* ``mmd_gap.png``: the real-vs-synthetic gap (mean over the learned classes) after each experience, for the
+  strategies that publish it;
+* ``report.md``: all of the above with the command that produced the runs (``command.txt``).
+
+Definitions (Lopez-Paz & Ranzato, 2017; Chaudhry et al., 2018), with :math:`a_{i,j}` the accuracy on the test
+set of experience *j* after training on experience *i* and *T* experiences:
+final average accuracy :math:`\\frac1T\\sum_j a_{T,j}`; average forgetting
+:math:`\\frac1{T-1}\\sum_{j<T}\\max_{i<T} a_{i,j} - a_{T,j}`. The stream accuracy is Avalanche's
+``Top1_Acc_Stream`` (all test images pooled), the figure ``drcpsd-run`` prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .utils import atomic_write
+
+__all__ = ["RunLogs", "load_run", "find_runs", "summarise", "build_report", "main"]
+
+STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
+MMD_PREFIX = "RealSynMMD/eval_phase/test_stream/Class"
+
+
+class ReportError(ValueError):
+    """A folder or CSV file the report cannot use (the message names it and what was expected)."""
+
+
+@dataclass
+class RunLogs:
+    """One run as read back from its CSV folder."""
+
+    strategy: str
+    seed: int
+    matrix: np.ndarray  # (trained experiences, evaluated experiences); rows of untrained steps are NaN
+    stream_accuracy: List[float]  # after each evaluation
+    info: Dict[str, str] = field(default_factory=dict)
+    mmd_gap: List[float] = field(default_factory=list)  # mean over classes, after each evaluation
+    fid: List[float] = field(default_factory=list)  # real vs synthetic, after each experience
+    kid: List[float] = field(default_factory=list)
+
+    @property
+    def final_average_accuracy(self) -> float:
+        return float(np.nanmean(self.matrix[self._last_row()]))
+
+    @property
+    def average_forgetting(self) -> float:
+        """Mean over the experiences before the last of (best earlier accuracy - final accuracy); 0.0 when the
+        run was evaluated once only (Joint) or no earlier evaluation of an experience exists."""
+        last = self._last_row()
+        earlier = self.matrix[:last, : self.matrix.shape[1] - 1]
+        seen = ~np.isnan(earlier).all(axis=0)  # experiences evaluated before the last evaluation
+        if not seen.any():
+            return 0.0
+        best = np.nanmax(earlier[:, seen], axis=0)
+        return float(np.mean(best - self.matrix[last, : self.matrix.shape[1] - 1][seen]))
+
+    def _last_row(self) -> int:
+        rows = [i for i in range(self.matrix.shape[0]) if not np.isnan(self.matrix[i]).all()]
+        if not rows:
+            raise ReportError(f"run {self.strategy}/seed{self.seed} has no evaluation rows")
+        return rows[-1]
+
+
+def _read_csv(path: str) -> List[Dict[str, str]]:
+    if not os.path.isfile(path):
+        raise ReportError(f"{path!r} does not exist; expected a CSV written by a drcpsd-run / compare run")
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def load_run(log_dir: str) -> RunLogs:
+    """Read ``eval_results.csv``, ``metrics.csv`` and ``run_info.csv`` of one run's ``logs/`` folder."""
+    rows = _read_csv(os.path.join(log_dir, "eval_results.csv"))
+    needed = {"eval_exp", "training_exp", "eval_accuracy"}
+    if not rows or not needed <= set(rows[0]):
+        raise ReportError(f"{log_dir}/eval_results.csv lacks rows or columns {sorted(needed)}")
+    n_eval = max(int(r["eval_exp"]) for r in rows) + 1
+    n_train = max(int(r["training_exp"]) for r in rows) + 1
+    matrix = np.full((max(n_train, n_eval), n_eval), np.nan)
+    for r in rows:  # a later row for the same cell (a resumed run's re-evaluation) replaces the earlier one
+        matrix[int(r["training_exp"]), int(r["eval_exp"])] = float(r["eval_accuracy"])
+    info = {r["key"]: r["value"] for r in _read_csv(os.path.join(log_dir, "run_info.csv"))}
+    stream, mmd, fidelity = [], {}, {"RealSynFID": {}, "RealSynKID": {}}
+    for r in _read_csv(os.path.join(log_dir, "metrics.csv")):
+        name = r["name"]
+        if name == STREAM_ACC:
+            stream.append(float(r["value"]))
+        elif name.startswith(MMD_PREFIX):
+            mmd.setdefault(int(float(r["x"])), []).append(float(r["value"]))
+        elif name.split("/")[0] in fidelity:
+            fidelity[name.split("/")[0]][int(name.rsplit("Exp", 1)[1])] = float(r["value"])
+    return RunLogs(strategy=info.get("strategy", "?"), seed=int(info.get("seed", 0)), matrix=matrix,
+                   stream_accuracy=stream, info=info, mmd_gap=[float(np.mean(v)) for _, v in sorted(mmd.items())],
+                   fid=[v for _, v in sorted(fidelity["RealSynFID"].items())],
+                   kid=[v for _, v in sorted(fidelity["RealSynKID"].items())])
+
+
+def find_runs(folder: str) -> Dict[str, List[RunLogs]]:
+    """Every run under ``<folder>/runs/<strategy>/seed<k>/logs`` (or ``<folder>/runs/<strategy>/logs``)."""
+    root = os.path.join(folder, "runs")
+    if not os.path.isdir(root):
+        raise ReportError(f"{folder!r} has no runs/ folder; expected <folder>/runs/<strategy>/seed<k>/logs/")
+    runs: Dict[str, List[RunLogs]] = {}
+    for strategy in sorted(os.listdir(root)):
+        sdir = os.path.join(root, strategy)
+        candidates = [os.path.join(sdir, "logs")] + [os.path.join(sdir, d, "logs") for d in sorted(os.listdir(sdir))
+                                                     if re.fullmatch(r"seed\d+", d)]
+        for log_dir in candidates:
+            if os.path.isfile(os.path.join(log_dir, "run_info.csv")):  # written last: the run finished
+                runs.setdefault(strategy, []).append(load_run(log_dir))
+    if not runs:
+        raise ReportError(f"no finished run under {root!r} (a finished run has logs/run_info.csv)")
+    return runs
+
+
+def _mean_std(values: Sequence[float]) -> tuple:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def summarise(runs: Dict[str, List[RunLogs]]) -> List[Dict[str, object]]:
+    """One row per strategy: mean and std over seeds (std 0 for a single seed)."""
+    rows = []
+    for strategy, rs in runs.items():
+        row: Dict[str, object] = {"strategy": strategy, "seeds": " ".join(str(r.seed) for r in rs)}
+        metrics = {
+            "final_average_accuracy": [r.final_average_accuracy for r in rs],
+            "final_stream_accuracy": [r.stream_accuracy[-1] if r.stream_accuracy else math.nan for r in rs],
+            "average_forgetting": [r.average_forgetting for r in rs],
+            "wall_time_s": [float(r.info.get("wall_time_s", "nan")) for r in rs],
+        }
+        if all(r.fid for r in rs):
+            metrics["final_fid"] = [r.fid[-1] for r in rs]
+            metrics["final_kid"] = [r.kid[-1] for r in rs]
+        for name, values in metrics.items():
+            mean, std = _mean_std(values)
+            row[f"{name}_mean"], row[f"{name}_std"] = round(mean, 4), round(std, 4)
+        row["stored_real_images"] = int(float(rs[0].info.get("stored_real_images", 0)))
+        row["generator_parameters"] = int(float(rs[0].info.get("generator_parameters", 0)))
+        rows.append(row)
+    return sorted(rows, key=lambda r: -float(r["final_average_accuracy_mean"]))
+
+
+def _save_png(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def _plots(runs: Dict[str, List[RunLogs]], out: str) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for strategy, rs in runs.items():
+        curves = [r.stream_accuracy for r in rs if r.stream_accuracy]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        a = np.array([c[-n:] for c in curves])
+        n_exp = rs[0].matrix.shape[1]
+        xs = np.arange(n_exp - n + 1, n_exp + 1)
+        mean = a.mean(0)
+        line, = ax.plot(xs, mean, marker="o", label=f"{strategy} ({len(curves)} seed{'s' * (len(curves) > 1)})")
+        if len(curves) > 1:
+            ax.fill_between(xs, a.min(0), a.max(0), color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("experiences learned")
+    ax.set_ylabel("accuracy on the whole test stream")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_png(fig, os.path.join(out, "accuracy.png"))
+    written.append("accuracy.png")
+
+    n = len(runs)
+    cols = min(4, n)
+    fig, axes = plt.subplots(-(-n // cols), cols, figsize=(3.2 * cols, 3 * -(-n // cols)), squeeze=False)
+    for ax, (strategy, rs) in zip(axes.flat, runs.items()):
+        m = np.nanmean(np.stack([r.matrix for r in rs]), axis=0)
+        ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+        for (i, j), v in np.ndenumerate(m):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
+        ax.set_title(strategy, fontsize=9)
+        ax.set_xlabel("evaluated on experience")
+        ax.set_ylabel("after training on")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    _save_png(fig, os.path.join(out, "accuracy_matrix.png"))
+    written.append("accuracy_matrix.png")
+
+    for attr, label, png in (("mmd_gap", "real-vs-synthetic MMD (mean over classes)", "mmd_gap.png"),
+                             ("fid", "real-vs-synthetic FID (project extractor)", "fid.png"),
+                             ("kid", "real-vs-synthetic KID (project extractor)", "kid.png")):
+        curves_by = {s: [getattr(r, attr) for r in rs if getattr(r, attr)] for s, rs in runs.items()}
+        curves_by = {s: c for s, c in curves_by.items() if c}
+        if not curves_by:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for strategy, curves in curves_by.items():
+            k = min(len(c) for c in curves)
+            ax.plot(range(1, k + 1), np.mean([c[:k] for c in curves], 0), marker="o", label=strategy)
+        ax.set_xlabel("experiences learned")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        _save_png(fig, os.path.join(out, png))
+        written.append(png)
+    return written
+
+
+def _write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    atomic_write(path, write)
+
+
+def build_report(folder: str, title: Optional[str] = None) -> List[Dict[str, object]]:
+    """Write ``summary.csv``, the plots and ``report.md`` in ``folder`` from its runs' CSV files."""
+    runs = find_runs(folder)
+    rows = summarise(runs)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            fields = list(dict.fromkeys(k for r in rows for k in r))  # FID/KID columns exist for DR-CPSD only
+            w = csv.DictWriter(fh, fieldnames=fields, restval="")
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(os.path.join(folder, "summary.csv"), write)
+    plots = _plots(runs, folder)
+
+    command = os.path.join(folder, "command.txt")
+    lines = [f"# {title or os.path.basename(os.path.normpath(folder))}", ""]
+    if os.path.isfile(command):
+        lines += ["Produced by", "", "```", open(command, encoding="utf-8").read().strip(), "```", ""]
+    lines += ["Rebuilt from the CSV folders by `python -m avalanche_drcpsd.report " + folder + "`.", "",
+              "| strategy | seeds | final average accuracy | final stream accuracy | average forgetting | "
+              "wall time (s) | stored real images | generator parameters |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['strategy']} | {r['seeds']} | {r['final_average_accuracy_mean']:.4f} ± "
+            f"{r['final_average_accuracy_std']:.4f} | {r['final_stream_accuracy_mean']:.4f} ± "
+            f"{r['final_stream_accuracy_std']:.4f} | {r['average_forgetting_mean']:.4f} ± "
+            f"{r['average_forgetting_std']:.4f} | {r['wall_time_s_mean']:.0f} ± {r['wall_time_s_std']:.0f} | "
+            f"{r['stored_real_images']} | {r['generator_parameters']} |")
+    fid_rows = [r for r in rows if "final_fid_mean" in r]
+    if fid_rows:
+        lines += ["", "| strategy | final FID | final KID |", "|---|---|---|"]
+        lines += [f"| {r['strategy']} | {r['final_fid_mean']:.3f} ± {r['final_fid_std']:.3f} | "
+                  f"{r['final_kid_mean']:.4f} ± {r['final_kid_std']:.4f} |" for r in fid_rows]
+    lines += ["", "Final average accuracy: mean over experiences of the accuracy on each after the last one; "
+              "stream accuracy: all test images pooled; ± is the standard deviation over seeds.", ""]
+    for p in plots:
+        lines += [f"![{p[:-4]}]({p})", ""]
+    for strategy, rs in runs.items():
+        for r in rs:
+            rel = os.path.join("runs", strategy, f"seed{r.seed}")
+            if not os.path.isdir(os.path.join(folder, rel)):
+                rel = os.path.join("runs", strategy)
+            grids = sorted(f for f in os.listdir(os.path.join(folder, rel)) if re.fullmatch(r"samples_exp\d+\.png", f))
+            if grids:
+                lines += [f"Synthetic samples of {strategy}, seed {r.seed} (one row per learned class):", ""]
+                lines += [f"![{g}]({rel}/{g})" for g in grids] + [""]
+    _write_text(os.path.join(folder, "report.md"), "\n".join(lines))
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m avalanche_drcpsd.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="a benchmark folder with runs/<strategy>/seed<k>/logs/")
+    parser.add_argument("--title")
+    args = parser.parse_args(argv)
+    try:
+        rows = build_report(args.folder, args.title)
+    except ReportError as exc:
+        parser.error(str(exc))
+    for r in rows:
+        print(f"{r['strategy']:>14}: {r['final_average_accuracy_mean']:.4f} ± {r['final_average_accuracy_std']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The comparison runner and the report builder: tiny real runs, then summary, plots and report from CSVs alone."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from avalanche_drcpsd import baselines
+from avalanche_drcpsd.compare import main as compare_main
+from avalanche_drcpsd.report import RunLogs, ReportError, build_report, load_run
+from avalanche_drcpsd.report import main as report_main
+
+from conftest import tiny_config
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_average_accuracy_and_forgetting_by_hand():
+    """a = [[.9, 0], [.5, .8], [.3, .6, .7]] (3 experiences):
+    final average accuracy (.3 + .6 + .7) / 3 = 0.5333; forgetting ((.9 - .3) + (.8 - .6)) / 2 = 0.4."""
+    m = np.array([[0.9, 0.0, 0.0], [0.5, 0.8, 0.1], [0.3, 0.6, 0.7]])
+    run = RunLogs("x", 0, m, stream_accuracy=[])
+    assert run.final_average_accuracy == pytest.approx(1.6 / 3)
+    assert run.average_forgetting == pytest.approx(0.4)
+
+
+def test_joint_run_with_one_row_has_no_forgetting():
+    m = np.full((3, 3), np.nan)
+    m[2] = [0.9, 0.8, 0.7]
+    run = RunLogs("joint", 0, m, stream_accuracy=[0.8])
+    assert run.final_average_accuracy == pytest.approx(0.8)
+    assert run.average_forgetting == pytest.approx(0.0)
+
+
+def test_strategy_names_are_validated():
+    assert baselines.names("all") == list(baselines.STRATEGIES)
+    assert baselines.names("lwf, er200") == ["lwf", "er200"]
+    with pytest.raises(ValueError, match="'ewc'"):
+        baselines.names("lwf,ewc")
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """naive, lwf, er200, rehearsal_kd, joint, genreplay and a tiny DR-CPSD, 2 seeds, on 2 experiences of the
+    embedded MNIST subset (no data root), through the same command a user runs."""
+    root = tmp_path_factory.mktemp("compare")
+    exps = root / "experiments"
+    exps.mkdir()
+    cfg = {"benchmark": "default", "benchmark_args": {"n_experiences": 2}, "train_epochs": 1, "train_mb_size": 32,
+           "drcpsd": tiny_config(gap_samples_per_class=4).to_dict()}
+    # the compare command takes profile files named <benchmark>_<profile>.json; "default" is not one of the
+    # four public benchmarks, so the test writes the file under split_mnist's name and points the runner at it
+    (exps / "split_mnist_cpu.json").write_text(json.dumps(cfg))
+    out = root / "results"
+    argv = ["--benchmarks", "split_mnist", "--strategies", "naive,lwf,er200,gdumb,rehearsal_kd,joint,genreplay,drcpsd",
+            "--seeds", "1,2", "--experiments", str(exps), "--out", str(out), "--quiet"]
+    assert compare_main(argv) == 0
+    return out / "split_mnist", argv
+
+
+def _read(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_compare_writes_one_csv_folder_per_run_and_a_report(compared):
+    folder, _ = compared
+    for strategy in ("naive", "lwf", "er200", "gdumb", "rehearsal_kd", "joint", "genreplay", "drcpsd"):
+        for seed in (1, 2):
+            logs = folder / "runs" / strategy / f"seed{seed}" / "logs"
+            assert (logs / "eval_results.csv").is_file() and (logs / "run_info.csv").is_file()
+    for png in ("accuracy.png", "accuracy_matrix.png", "mmd_gap.png", "fid.png", "kid.png"):
+        data = (folder / png).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 2000, png
+    report = (folder / "report.md").read_text()
+    assert "compare.py" in report and "![accuracy](accuracy.png)" in report
+    assert "runs/drcpsd/seed1/samples_exp1.png" in report
+
+
+def test_summary_equals_numbers_recomputed_from_the_csvs(compared):
+    folder, _ = compared
+    rows = {r["strategy"]: r for r in _read(folder / "summary.csv")}
+    assert set(rows) == {"naive", "lwf", "er200", "gdumb", "rehearsal_kd", "joint", "genreplay", "drcpsd"}
+    for strategy, row in rows.items():
+        finals, streams, walls = [], [], []
+        for seed in (1, 2):
+            logs = folder / "runs" / strategy / f"seed{seed}" / "logs"
+            ev = _read(logs / "eval_results.csv")
+            last = max(int(r["training_exp"]) for r in ev)
+            accs = [float(r["eval_accuracy"]) for r in ev if int(r["training_exp"]) == last]
+            finals.append(sum(accs) / len(accs))
+            stream = [float(r["value"]) for r in _read(logs / "metrics.csv")
+                      if r["name"] == "Top1_Acc_Stream/eval_phase/test_stream/Task000"]
+            streams.append(stream[-1])
+            info = {r["key"]: r["value"] for r in _read(logs / "run_info.csv")}
+            walls.append(float(info["wall_time_s"]))
+            assert float(info["final_average_accuracy"]) == pytest.approx(stream[-1], abs=1e-6)
+        assert float(row["final_average_accuracy_mean"]) == pytest.approx(np.mean(finals), abs=1e-4)
+        assert float(row["final_average_accuracy_std"]) == pytest.approx(np.std(finals, ddof=1), abs=1e-4)
+        assert float(row["final_stream_accuracy_mean"]) == pytest.approx(np.mean(streams), abs=1e-4)
+        assert float(row["wall_time_s_mean"]) == pytest.approx(np.mean(walls), abs=1e-3)
+    assert int(rows["er200"]["stored_real_images"]) == 200
+    assert int(rows["drcpsd"]["stored_real_images"]) == 0 and int(rows["drcpsd"]["generator_parameters"]) > 0
+    assert int(rows["joint"]["stored_real_images"]) > 200
+
+
+def test_report_rebuilds_from_csv_folders_alone(compared, tmp_path):
+    """Delete every output and every non-CSV run file: the report command rebuilds the same summary."""
+    folder, _ = compared
+    before = (folder / "summary.csv").read_text()
+    copy = tmp_path / "copy"
+    for path in folder.rglob("*.csv"):
+        if "runs" in path.parts:
+            dest = copy / path.relative_to(folder)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(path.read_bytes())
+    assert report_main([str(copy)]) == 0
+    assert (copy / "summary.csv").read_text() == before
+    assert (copy / "accuracy.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_compare_resumes_without_rerunning_finished_runs(compared):
+    folder, argv = compared
+    stamp = (folder / "runs" / "naive" / "seed1" / "logs" / "run_info.csv").stat().st_mtime_ns
+    assert compare_main(argv) == 0
+    assert (folder / "runs" / "naive" / "seed1" / "logs" / "run_info.csv").stat().st_mtime_ns == stamp
+
+
+def test_report_errors_name_the_folder(tmp_path):
+    with pytest.raises(ReportError, match="no runs/ folder"):
+        build_report(str(tmp_path))
+    (tmp_path / "runs" / "naive" / "seed0" / "logs").mkdir(parents=True)
+    with pytest.raises(ReportError, match="no finished run"):
+        build_report(str(tmp_path))
+    with pytest.raises(ReportError, match="eval_results.csv"):
+        load_run(str(tmp_path / "runs" / "naive" / "seed0" / "logs"))
+
+
+def test_compare_rejects_unknown_strategy_and_benchmark(capsys):
+    with pytest.raises(SystemExit):
+        compare_main(["--strategies", "ewc"])
+    assert "'ewc'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare_main(["--benchmarks", "imagenet"])
+    assert "imagenet" in capsys.readouterr().err

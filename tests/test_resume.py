@@ -1,0 +1,158 @@
+"""A tiny DR-CPSD run killed (SIGKILL, in a child process) inside every phase and resumed each time ends with the CSV rows,
+accuracies and learned state of an uninterrupted run with the same seed, bit for bit on the CPU.
+
+The kills use the test hook ``DRCPSD_TEST_KILL_AT="<exp>:<phase>[:<when>]"`` (see ``avalanche_drcpsd.checkpoint``).
+They form one chain: each process resumes from the checkpoint the previous one left and is killed one phase further
+on, so every kill point is resumed from (and the resumed runs are themselves resumed)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from avalanche_drcpsd.checkpoint import CHECKPOINT_DIR, KILL_ENV, CheckpointError, load_checkpoint
+from avalanche_drcpsd.run import ExperimentConfig, run_experiment
+
+from conftest import tiny_config
+
+#: one process per entry, each killed at that point (``end``: after the phase's work, before its checkpoint;
+#: ``start``: as it begins; ``checkpoint``: half-way through writing its checkpoint); then one that finishes
+KILL_CHAIN = [
+    "0:classifier",          # before any checkpoint exists: the resume starts from the beginning
+    "0:cpsd:checkpoint",     # the CPSD checkpoint half written: resume from the generator's
+    "0:eval",                # eval rows written, no checkpoint yet: they are cut and written again
+    "1:generation",          # replay set generated, not yet checkpointed
+    "1:classifier",          # training rows written after the generation checkpoint
+    "1:generator",
+    "1:cpsd:start",
+    "1:replay",
+    "1:eval",
+]
+
+
+def experiment() -> ExperimentConfig:
+    return ExperimentConfig(benchmark="default", train_epochs=1, threads=1, eval_mb_size=500,
+                            benchmark_args={"n_experiences": 2, "train_per_class": 40, "test_per_class": 20},
+                            drcpsd=tiny_config(gap_samples_per_class=4))
+
+
+def _child(argv, kill_at, log):  # runs in a forked child process: `drcpsd-run ARGV`, maybe killed by the hook
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ.pop(KILL_ENV, None)
+    if kill_at:
+        os.environ[KILL_ENV] = kill_at
+    from avalanche_drcpsd.run import main
+
+    sys.exit(main(argv))
+
+
+_FORKSERVER = None
+
+
+def _context():
+    """Child processes forked from a server that has imported the package once: a process each, SIGKILL and all,
+    without paying for torch/diffusers/avalanche imports each time (the server runs no torch computation, so
+    forking it is safe)."""
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        _FORKSERVER = multiprocessing.get_context("forkserver")
+        _FORKSERVER.set_forkserver_preload(["avalanche_drcpsd.run", "avalanche_drcpsd.strategy",
+                                            "avalanche_drcpsd.models", "avalanche_drcpsd.checkpoint",
+                                            "avalanche.training", "avalanche.evaluation.metrics"])
+    return _FORKSERVER
+
+
+def _run_cli(config: Path, out: Path, *, kill_at=None, resume=False):
+    """``drcpsd-run --config CONFIG --out OUT --quiet [--resume]`` in a child process: (exit code, its output)."""
+    log = out.parent / "child.log"
+    argv = ["--config", str(config), "--out", str(out), "--quiet"] + (["--resume"] if resume else [])
+    proc = _context().Process(target=_child, args=(argv, kill_at, str(log)))
+    proc.start()
+    proc.join(600)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+    return proc.exitcode, log.read_text() if log.exists() else ""
+
+
+def _metric_rows(path: Path):
+    """metrics.csv rows; the wall-clock PhaseTime values are the one thing two runs cannot share."""
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    return [r[:2] + ["<time>"] if r[0].startswith("PhaseTime/") else r for r in rows]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    summary = run_experiment(experiment(), str(out), verbose=False)
+    assert not (out / CHECKPOINT_DIR).exists(), "a finished run deletes its checkpoint"
+    return out, summary
+
+
+def test_killed_in_every_phase_and_resumed_equals_an_uninterrupted_run(reference, tmp_path):
+    ref, ref_summary = reference
+    config = tmp_path / "experiment.json"
+    config.write_text(json.dumps(experiment().to_dict()))
+    out = tmp_path / "run"
+    positions, sequence = [], []
+    for i, kill_at in enumerate(KILL_CHAIN):
+        code, output = _run_cli(config, out, kill_at=kill_at, resume=i > 0)
+        assert code == -signal.SIGKILL, f"{kill_at}: exit code {code}\n{output[-3000:]}"
+        ckpt = load_checkpoint(str(out))  # verified against its manifest
+        positions.append(None if ckpt is None else (ckpt.experience, ckpt.phase))
+        sequence.append(None if ckpt is None else int(ckpt.name.split("-")[1]))
+        if ckpt is not None:  # only the latest checkpoint is kept (a half-written one is not used)
+            names = sorted(p.name for p in (out / CHECKPOINT_DIR).iterdir() if p.name.startswith("ckpt-"))
+            assert ckpt.name in names and len(names) <= 2, names
+    # each kill left the checkpoint of the phase before the one it interrupted
+    assert positions == [None, (0, "generator"), (0, "cpsd"), (0, "eval"), (1, "generation"), (1, "classifier"),
+                         (1, "generator"), (1, "cpsd"), (1, "replay")]
+    # each process went on from the checkpoint it found instead of starting over: the checkpoints are numbered on
+    # (a full run writes 10; the half-written one took number 3; a fresh start would begin again at 1)
+    assert sequence == [None, 2, 4, 5, 6, 7, 8, 9, 10]
+    code, output = _run_cli(config, out, resume=True)
+    assert code == 0, output[-3000:]
+    assert not (out / CHECKPOINT_DIR).exists()
+
+    # no row lost or repeated: the logs are those of the uninterrupted run
+    for name in ("training_results.csv", "eval_results.csv"):
+        assert (out / "logs" / name).read_text() == (ref / "logs" / name).read_text(), name
+    assert _metric_rows(out / "logs" / "metrics.csv") == _metric_rows(ref / "logs" / "metrics.csv")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_average_accuracy"] == ref_summary["final_average_accuracy"]
+    assert [h["stream_accuracy"] for h in summary["history"]] == [h["stream_accuracy"] for h in ref_summary["history"]]
+    assert summary["phase_time_s"].keys() == ref_summary["phase_time_s"].keys()
+    # and so is the learned state, bit for bit
+    for name in ("classifier.safetensors", "embeddings.safetensors", "generator/unet/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(out / "state" / name), load_file(ref / "state" / name)
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
+
+    # resuming a finished run does nothing and returns its summary
+    again = run_experiment(experiment(), str(out), verbose=False, resume=True)
+    assert again == summary
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    """A checkpoint is only resumed with the configuration that wrote it (here: one written by hand)."""
+    from avalanche_drcpsd.checkpoint import CheckpointStore
+
+    exp = experiment()
+    CheckpointStore(str(tmp_path / CHECKPOINT_DIR)).write([], {
+        "position": {"index": 0, "experience": 0, "phase": "classifier"}, "experiment": exp.to_dict()})
+    other = ExperimentConfig.from_dict({**exp.to_dict(), "lr": 0.1})
+    with pytest.raises(CheckpointError, match=r"lr: 0\.05 -> 0\.1"):
+        run_experiment(other, str(tmp_path), verbose=False, resume=True)
+    with pytest.raises(CheckpointError, match="drcpsd' only"):
+        run_experiment(ExperimentConfig.from_dict({**exp.to_dict(), "strategy": "naive"}), str(tmp_path),
+                       verbose=False, resume=True)
