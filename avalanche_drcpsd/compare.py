@@ -27,7 +27,7 @@ from .baselines import names as strategy_names
 from .config import ConfigError
 from .report import build_report
 from .run import RUN_INFO, ExperimentConfig, run_experiment
-from .utils import atomic_write
+from .utils import atomic_write_text
 
 __all__ = ["BENCHMARKS", "SEEDS", "profile_config", "main"]
 
@@ -51,7 +51,7 @@ def _record_command(folder: str, command: str) -> None:
     path = os.path.join(folder, "command.txt")
     lines = open(path).read().splitlines() if os.path.isfile(path) else []
     if command not in lines:
-        atomic_write(path, lambda tmp: open(tmp, "w").write("\n".join(lines + [command]) + "\n"))
+        atomic_write_text(path, "\n".join(lines + [command]) + "\n")
 
 
 def ensure_feature_extractor(exp: ExperimentConfig, directory: str) -> str:

@@ -16,8 +16,8 @@ import math
 import os
 import re
 import string
-from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Optional, Tuple, Union
 
 __all__ = ["ConfigError", "DRCPSDConfig", "check_prompt_template"]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["find_head", "FeatureRecorder", "forward_with_features"]

@@ -20,17 +20,19 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .losses import ldm_loss, snr_from_alphas_cumprod
 from .utils import atomic_write
 
-__all__ = ["GeneratorError", "GeneratorSpec", "DiffusionGenerator", "make_sampling_scheduler"]
+__all__ = ["GeneratorError", "GeneratorSpec", "DiffusionGenerator", "make_sampling_scheduler", "draw_guidance_scales",
+           "guided_denoise"]
 
 GuidanceScale = Union[float, Tuple[float, float]]
 
@@ -52,6 +54,37 @@ class GeneratorSpec:
         c, _, _ = self.image_shape
         s = self.model_size // self.patch_size
         return (c * self.patch_size ** 2, s, s)
+
+
+def draw_guidance_scales(guidance_scale: GuidanceScale, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``(n,)`` guidance scales: a constant, or U(low, high) per image for ``(low, high)`` (reference: U(5, 9)),
+    drawn on the CPU from ``generator`` so a seed gives the same scales on every device."""
+    if isinstance(guidance_scale, (tuple, list)):
+        low, high = (float(v) for v in guidance_scale)
+        return low + (high - low) * torch.rand(n, generator=generator)
+    return torch.full((n,), float(guidance_scale))
+
+
+def guided_denoise(predict_noise: Callable[[Tensor, Tensor, Tensor], Tensor], scheduler, z: Tensor, cond: Tensor,
+                   null: Tensor, guidance: Tensor, *, progress: bool = False) -> Tensor:
+    """Run ``scheduler``'s reverse process from the noise ``z`` ``(B, ...)`` with classifier-free guidance
+    (Ho & Salimans, 2022): :math:`\\hat\\epsilon = \\epsilon(z_t, \\varnothing) + w\\,(\\epsilon(z_t, c) -
+    \\epsilon(z_t, \\varnothing))`, one batched ``predict_noise(z, t, cond)`` call per step for both halves (one
+    conditional call when every scale is 1). ``cond`` ``(B, L, D)``, ``null`` ``(L, D)``, ``guidance`` ``(B,)``;
+    returns the final ``z``."""
+    b = z.shape[0]
+    w = guidance.to(z.device).view(b, *([1] * (z.dim() - 1)))
+    both = torch.cat([null.expand(b, -1, -1), cond], 0)
+    guided = bool((w != 1).any())
+    for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
+        model_in = scheduler.scale_model_input(z, t)
+        if guided:
+            eps_u, eps_c = predict_noise(torch.cat([model_in, model_in]), t.expand(2 * b), both).chunk(2)
+            eps = eps_u + w * (eps_c - eps_u)
+        else:
+            eps = predict_noise(model_in, t.expand(b), cond)
+        z = scheduler.step(eps, t, z).prev_sample
+    return z
 
 
 def make_sampling_scheduler(kind: str, config, *, clip_x0: bool = True) -> Union[DPMSolverMultistepScheduler, DDIMScheduler]:
@@ -202,26 +235,10 @@ class DiffusionGenerator(nn.Module):
         b = cond.shape[0]
         scheduler = make_sampling_scheduler(sampler, self.noise_scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=device)
-        if isinstance(guidance_scale, (tuple, list)):
-            low, high = guidance_scale
-            w = low + (high - low) * torch.rand(b, generator=generator)
-        else:
-            w = torch.full((b,), float(guidance_scale))
-        w = w.to(device).view(b, 1, 1, 1)
+        w = draw_guidance_scales(guidance_scale, b, generator)
         z = torch.randn((b,) + self.spec.latent_shape, generator=generator).to(device)
         z = z * scheduler.init_noise_sigma
-        cond = cond.to(device)
-        both = torch.cat([null.to(device).expand(b, -1, -1), cond], 0)
-        guided = bool((w != 1).any())
-        for t in scheduler.timesteps:
-            model_in = scheduler.scale_model_input(z, t)
-            if guided:
-                eps_u, eps_c = self.predict_noise(torch.cat([model_in, model_in]), t.expand(2 * b), both).chunk(2)
-                eps = eps_u + w * (eps_c - eps_u)
-            else:
-                eps = self.predict_noise(model_in, t.expand(b), cond)
-            z = scheduler.step(eps, t, z).prev_sample
-        return self.decode(z)
+        return self.decode(guided_denoise(self.predict_noise, scheduler, z, cond.to(device), null.to(device), w))
 
     # ------------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:

@@ -13,6 +13,9 @@ reads every run under ``<folder>/runs/<strategy>/seed<k>/logs/`` (Avalanche ``CS
   strategies that publish it;
 * ``report.md``: all of the above with the command that produced the runs (``command.txt``).
 
+``python -m avalanche_drcpsd.report --index results`` then gathers every benchmark's ``summary.csv`` into
+``results/comparison.csv`` and the table between the comparison markers of ``results/README.md``.
+
 Definitions (Lopez-Paz & Ranzato, 2017; Chaudhry et al., 2018), with :math:`a_{i,j}` the accuracy on the test
 set of experience *j* after training on experience *i* and *T* experiences:
 final average accuracy :math:`\\frac1T\\sum_j a_{T,j}`; average forgetting
@@ -33,7 +36,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .utils import atomic_write
+from .utils import atomic_write, atomic_write_csv, atomic_write_text
 
 __all__ = ["RunLogs", "load_run", "find_runs", "summarise", "build_report", "main"]
 
@@ -236,27 +239,12 @@ def _plots(runs: Dict[str, List[RunLogs]], out: str) -> List[str]:
     return written
 
 
-def _write_text(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    atomic_write(path, write)
-
-
 def build_report(folder: str, title: Optional[str] = None) -> List[Dict[str, object]]:
     """Write ``summary.csv``, the plots and ``report.md`` in ``folder`` from its runs' CSV files."""
     runs = find_runs(folder)
     rows = summarise(runs)
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            fields = list(dict.fromkeys(k for r in rows for k in r))  # FID/KID columns exist for DR-CPSD only
-            w = csv.DictWriter(fh, fieldnames=fields, restval="")
-            w.writeheader()
-            w.writerows(rows)
-
-    atomic_write(os.path.join(folder, "summary.csv"), write)
+    atomic_write_csv(os.path.join(folder, "summary.csv"), rows)  # FID/KID columns exist for DR-CPSD only
     plots = _plots(runs, folder)
 
     command = os.path.join(folder, "command.txt")
@@ -292,16 +280,88 @@ def build_report(folder: str, title: Optional[str] = None) -> List[Dict[str, obj
             if grids:
                 lines += [f"Synthetic samples of {strategy}, seed {r.seed} (one row per learned class):", ""]
                 lines += [f"![{g}]({rel}/{g})" for g in grids] + [""]
-    _write_text(os.path.join(folder, "report.md"), "\n".join(lines))
+    atomic_write_text(os.path.join(folder, "report.md"), "\n".join(lines))
     return rows
+
+
+INDEX_BEGIN = "<!-- comparison table: begin (written by python -m avalanche_drcpsd.report --index {root}) -->"
+INDEX_END = "<!-- comparison table: end -->"
+
+
+def comparison_rows(root: str) -> List[Dict[str, object]]:
+    """Every ``<root>/<benchmark>/summary.csv`` written by :func:`build_report`, as one list of rows with a
+    ``benchmark`` column (benchmark folders in name order; other summaries are skipped)."""
+    rows: List[Dict[str, object]] = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name, "summary.csv")
+        if not os.path.isfile(path):
+            continue
+        with open(path, newline="", encoding="utf-8") as fh:
+            summary = list(csv.DictReader(fh))
+        if summary and "final_average_accuracy_mean" in summary[0]:
+            rows += [{"benchmark": name, **r} for r in summary]
+    if not rows:
+        raise ReportError(f"no <benchmark>/summary.csv written by this report under {root!r}")
+    return rows
+
+
+def comparison_table(rows: Sequence[Dict[str, object]]) -> str:
+    """A markdown table: one row per strategy, one column per benchmark, final average accuracy mean ± std over
+    seeds (and the number of seeds); the best strategy of each benchmark in bold; stored real images per cell."""
+    benchmarks = list(dict.fromkeys(str(r["benchmark"]) for r in rows))
+    strategies = list(dict.fromkeys(str(r["strategy"]) for r in rows))
+    cell = {(str(r["benchmark"]), str(r["strategy"])): r for r in rows}
+    best = {b: max((float(r["final_average_accuracy_mean"]), str(r["strategy"])) for r in rows
+                   if r["benchmark"] == b and r["strategy"] != "joint")[1] for b in benchmarks}
+    lines = ["| strategy | " + " | ".join(benchmarks) + " |", "|---" * (len(benchmarks) + 1) + "|"]
+    for strategy in sorted(strategies, key=lambda s: -max(float(cell[b, s]["final_average_accuracy_mean"])
+                                                           for b in benchmarks if (b, s) in cell)):
+        cells = []
+        for b in benchmarks:
+            r = cell.get((b, strategy))
+            if r is None:
+                cells.append("not run")
+                continue
+            n = len(str(r["seeds"]).split())
+            text = (f"{float(r['final_average_accuracy_mean']):.3f} ± {float(r['final_average_accuracy_std']):.3f}"
+                    f" ({n} seed{'s' * (n > 1)}; {r['stored_real_images']} real)")
+            cells.append(f"**{text}**" if best[b] == strategy else text)
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def update_index(root: str, readme: Optional[str] = None) -> str:
+    """Write ``<root>/comparison.csv`` and put :func:`comparison_table` between the comparison markers of
+    ``readme`` (default ``<root>/README.md``; the block is appended when the markers are absent)."""
+    rows = comparison_rows(root)
+    atomic_write_csv(os.path.join(root, "comparison.csv"), rows)
+    readme = readme or os.path.join(root, "README.md")
+    begin = INDEX_BEGIN.format(root=root)
+    block = "\n".join([begin, "", comparison_table(rows), "", INDEX_END])
+    text = open(readme, encoding="utf-8").read() if os.path.isfile(readme) else ""
+    start = text.find(INDEX_BEGIN.split(" (")[0])
+    end = text.find(INDEX_END)
+    if start != -1 and end > start:
+        text = text[:start] + block + text[end + len(INDEX_END):]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
+    atomic_write_text(readme, text)
+    return readme
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m avalanche_drcpsd.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder", help="a benchmark folder with runs/<strategy>/seed<k>/logs/")
+    parser.add_argument("folder", help="a benchmark folder with runs/<strategy>/seed<k>/logs/ (with --index: the "
+                                       "folder holding the benchmark folders)")
     parser.add_argument("--title")
+    parser.add_argument("--index", action="store_true",
+                        help="rebuild the cross-benchmark table (comparison.csv and the table in README.md) from "
+                             "the benchmark folders' summary.csv files")
     args = parser.parse_args(argv)
     try:
+        if args.index:
+            print(f"wrote {update_index(args.folder)}")
+            return 0
         rows = build_report(args.folder, args.title)
     except ReportError as exc:
         parser.error(str(exc))

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .config import SD_OPTION_KEYS
-from .generator import DiffusionGenerator, GeneratorError, GuidanceScale, make_sampling_scheduler
+from .generator import (DiffusionGenerator, GeneratorError, GuidanceScale, draw_guidance_scales, guided_denoise,
+                        make_sampling_scheduler)
 from .utils import atomic_write
 
 __all__ = [
@@ -214,15 +214,6 @@ def to_pipeline_images(images: Tensor, resolution: int) -> Tensor:
     if tuple(x.shape[-2:]) != (resolution, resolution):
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
     return x.clamp(0.0, 1.0) * 2.0 - 1.0
-
-
-def draw_guidance_scales(guidance_scale: GuidanceScale, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
-    """``(n,)`` guidance scales: a constant, or U(low, high) per image for ``(low, high)`` (reference: U(5, 9)),
-    drawn on the CPU from ``generator`` so a seed gives the same scales on every device."""
-    if isinstance(guidance_scale, (tuple, list)):
-        low, high = (float(v) for v in guidance_scale)
-        return low + (high - low) * torch.rand(n, generator=generator)
-    return torch.full((n,), float(guidance_scale))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -513,20 +504,10 @@ class StableDiffusionGenerator(nn.Module):
         config = {**self.noise_scheduler.config, "prediction_type": "epsilon"}  # predict_noise returns epsilon
         scheduler = make_sampling_scheduler(sampler, config, clip_x0=False)  # latents are not bounded to [-1, 1]
         scheduler.set_timesteps(num_inference_steps, device=device)
-        w = draw_guidance_scales(guidance_scale, b, generator).to(device).view(b, 1, 1, 1)
+        w = draw_guidance_scales(guidance_scale, b, generator)
         z = torch.randn((b,) + self.latent_shape, generator=generator).to(device) * scheduler.init_noise_sigma
-        cond = cond.to(device)
-        both = torch.cat([null.to(device).expand(b, -1, -1), cond])
-        guided = bool((w != 1).any())
-        for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
-            model_in = scheduler.scale_model_input(z, t)
-            if guided:
-                eps_u, eps_c = self.predict_noise(torch.cat([model_in, model_in]), t.expand(2 * b), both).chunk(2)
-                eps = eps_u + w * (eps_c - eps_u)
-            else:
-                eps = self.predict_noise(model_in, t.expand(b), cond)
-            z = scheduler.step(eps, t, z).prev_sample
-        return self.decode(z)
+        return self.decode(guided_denoise(self.predict_noise, scheduler, z, cond.to(device), null.to(device), w,
+                                          progress=progress))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ __all__ = [
     "interpolate_state_dicts",
     "atomic_write",
     "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_csv",
     "WriteError",
     "write_error",
     "sha256_file",
@@ -112,6 +114,27 @@ def atomic_write_bytes(path: PathLike, data: bytes, *, fsync: bool = False) -> N
             fh.write(data)
 
     atomic_write(path, write, fsync=fsync)
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """:func:`atomic_write` of a UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_csv(path: PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+    """:func:`atomic_write` of ``rows`` as a CSV with a header: the union of their keys in first-seen order
+    (a row lacking a column leaves it empty)."""
+    import csv
+
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def sha256_file(path: PathLike, limit: Optional[int] = None) -> str:

@@ -11,7 +11,6 @@ the whole test stream after each experience), ``phase_times.png`` and ``command.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shlex
@@ -25,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from avalanche_drcpsd.run import ExperimentConfig, run_experiment  # noqa: E402
 from avalanche_drcpsd.strategy import PHASES  # noqa: E402
-from avalanche_drcpsd.utils import atomic_write  # noqa: E402
+from avalanche_drcpsd.utils import atomic_write, atomic_write_csv, atomic_write_text  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,8 +35,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     base = ExperimentConfig.from_json(args.config)
     os.makedirs(args.out, exist_ok=True)
-    atomic_write(os.path.join(args.out, "command.txt"),
-                 lambda tmp: open(tmp, "w").write("python " + " ".join(shlex.quote(a) for a in sys.argv) + "\n"))
+    atomic_write_text(os.path.join(args.out, "command.txt"),
+                      "python " + " ".join(shlex.quote(a) for a in sys.argv) + "\n")
     summaries: Dict[str, dict] = {}
     for name in args.strategies.split(","):
         run_dir = os.path.join(args.out, "runs", name)
@@ -65,13 +64,7 @@ def write_summary(summaries: Dict[str, dict], out: str) -> None:
         row["accuracy_per_experience"] = " ".join(f"{h['stream_accuracy']:.4f}" for h in s["history"])
         rows.append(row)
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-
-    atomic_write(os.path.join(out, "summary.csv"), write)
+    atomic_write_csv(os.path.join(out, "summary.csv"), rows)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, s in summaries.items():

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import tempfile
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ from diffusers import DDPMScheduler
 from avalanche_drcpsd.config import DRCPSDConfig
 from avalanche_drcpsd.generator import DiffusionGenerator
 from avalanche_drcpsd.sd import StableDiffusionGenerator, parse_dtype, save_random_pipeline
-from avalanche_drcpsd.utils import atomic_write
+from avalanche_drcpsd.utils import atomic_write_csv
 
 DIFFUSERS_DEFAULT_STEPS, DIFFUSERS_DEFAULT_GUIDANCE = 50, 7.5
 
@@ -166,7 +165,7 @@ def bench_sd(size: int, args, device: torch.device, workdir: Path) -> List[Dict[
 
     seconds = _timed(package, calls, device)
     rows.append(_row("sd", (3, size, size), params, "package", args.steps, "U(5,9)", args, calls * b, seconds, device))
-    del gen
+    gen = None  # free its memory before the pipeline loads
     pipe = StableDiffusionPipeline.from_pretrained(str(directory), local_files_only=True, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     if args.compile:
@@ -213,13 +212,7 @@ def main(argv=None) -> int:
             rows += bench_sd(size, args, device, Path(workdir))
             print(*rows[-2:], sep="\n", flush=True)
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(args.out, write)
+    atomic_write_csv(args.out, rows)
     print(f"wrote {args.out}")
     return 0
 

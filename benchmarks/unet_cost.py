@@ -11,14 +11,13 @@ For MNIST-sized images (1x28x28) it builds the package's ``DiffusionGenerator`` 
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 
 import torch
 
 from avalanche_drcpsd.generator import DiffusionGenerator
-from avalanche_drcpsd.utils import atomic_write
+from avalanche_drcpsd.utils import atomic_write_csv
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -68,13 +67,7 @@ def main(argv=None) -> int:
     for row in rows:
         print(row, flush=True)
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-
-    atomic_write(args.out, write)
+    atomic_write_csv(args.out, rows)
     return 0
 
 

@@ -144,3 +144,40 @@ def test_compare_rejects_unknown_strategy_and_benchmark(capsys):
     with pytest.raises(SystemExit):
         compare_main(["--benchmarks", "imagenet"])
     assert "imagenet" in capsys.readouterr().err
+
+
+def _summary(folder, rows):
+    from avalanche_drcpsd.utils import atomic_write_csv
+
+    atomic_write_csv(folder / "summary.csv", [
+        {"strategy": s, "seeds": seeds, "final_average_accuracy_mean": m, "final_average_accuracy_std": sd,
+         "stored_real_images": real} for s, seeds, m, sd, real in rows])
+
+
+def test_index_gathers_every_benchmark_summary_into_one_table(tmp_path):
+    from avalanche_drcpsd.report import comparison_rows, update_index
+
+    _summary(tmp_path / "split_mnist", [("joint", "42 69", 0.98, 0.001, 60000), ("drcpsd", "42", 0.65, 0.0, 0),
+                                        ("naive", "42 69", 0.195, 0.002, 0)])
+    _summary(tmp_path / "split_fmnist", [("naive", "42", 0.19, 0.0, 0), ("er200", "42", 0.55, 0.0, 200)])
+    (tmp_path / "split_mnist_cpu").mkdir()  # another script's summary (no *_mean columns) is skipped
+    (tmp_path / "split_mnist_cpu" / "summary.csv").write_text("strategy,final_average_accuracy\nnaive,0.19\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("# Results\n\nintro\n")
+    update_index(str(tmp_path))
+    text = readme.read_text()
+    assert text.startswith("# Results\n\nintro\n")
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table[0] == "| strategy | split_fmnist | split_mnist |"
+    rows = {line.split(" | ")[0][2:]: line for line in table[2:]}
+    assert list(rows) == ["joint", "drcpsd", "er200", "naive"], "ordered by best accuracy on any benchmark"
+    assert "**0.650 ± 0.000 (1 seed; 0 real)**" in rows["drcpsd"], "best non-joint strategy of split_mnist in bold"
+    assert "**0.550 ± 0.000 (1 seed; 200 real)**" in rows["er200"] and "| not run |" in rows["er200"]
+    assert "0.195 ± 0.002 (2 seeds; 0 real)" in rows["naive"]
+    assert len(comparison_rows(str(tmp_path))) == 5
+    assert (tmp_path / "comparison.csv").read_text().splitlines()[0].startswith("benchmark,strategy,")
+
+    _summary(tmp_path / "split_fmnist", [("naive", "42", 0.2, 0.0, 0)])  # rebuilt: the block is replaced
+    update_index(str(tmp_path))
+    again = readme.read_text()
+    assert again.count("comparison table: begin") == 1 and "0.200 ± 0.000" in again and "0.550" not in again

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from avalanche_drcpsd.features import find_head, forward_with_features
-from avalanche_drcpsd.utils import atomic_write, frozen_copy, interpolate_state_dicts
+from avalanche_drcpsd.utils import atomic_write, atomic_write_csv, atomic_write_text, frozen_copy, interpolate_state_dicts
 
 
 def _model(seed: int, batches: int) -> nn.Module:
@@ -180,6 +180,15 @@ def test_atomic_write_cleans_up_on_keyboard_interrupt_and_missing_tmp(tmp_path):
         atomic_write(path, removes_its_tmp)
     assert path.read_text() == "old"
     assert os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_atomic_write_csv_takes_the_union_of_columns_in_first_seen_order(tmp_path):
+    path = tmp_path / "out" / "summary.csv"
+    atomic_write_csv(path, [{"strategy": "naive", "acc": 0.5}, {"strategy": "drcpsd", "acc": 0.7, "fid": 3.25}])
+    assert path.read_text().splitlines() == ["strategy,acc,fid", "naive,0.5,", "drcpsd,0.7,3.25"]
+    assert [p.name for p in path.parent.iterdir()] == ["summary.csv"], "no temporary file is left behind"
+    atomic_write_text(path, "replaced\n")
+    assert path.read_text() == "replaced\n"
 
 
 def test_atomic_write_creates_missing_directories(tmp_path):

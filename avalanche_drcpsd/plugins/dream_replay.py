@@ -29,7 +29,7 @@ Reference: DR-CPSD (Dream Replay with CLIP Projection Stable Diffusion): kappa =
 from __future__ import annotations
 
 import itertools
-from typing import Callable, List, Optional, Protocol, Sequence, Set, Tuple
+from typing import Callable, Optional, Protocol, Sequence, Set, Tuple
 
 import torch
 from avalanche.evaluation.metric_results import MetricValue

@@ -15,9 +15,8 @@ DR-CPSD uses to shrink this gap; this plugin measures it.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
-import torch
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
