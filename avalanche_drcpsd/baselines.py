@@ -64,6 +64,7 @@ def _genreplay(common, spec):
     """Avalanche's GenerativeReplay with its default generator recipe (MLP VAE, 2 hidden units, Adam 0.01),
     built for the benchmark's image shape (the wrapper's own default is hard-wired to 1x28x28)."""
     from avalanche.models.generator import MlpVAE, VAE_loss
+    from avalanche.training.plugins import EvaluationPlugin
     from avalanche.training import GenerativeReplay, VAETraining
     from avalanche.training.plugins import GenerativeReplayPlugin
 
@@ -72,7 +73,8 @@ def _genreplay(common, spec):
     generator_strategy = VAETraining(
         model=vae, optimizer=torch.optim.Adam(vae.parameters(), lr=0.01, weight_decay=1e-4), criterion=VAE_loss,
         train_mb_size=common["train_mb_size"], train_epochs=common["train_epochs"],
-        eval_mb_size=common["eval_mb_size"], device=device, plugins=[GenerativeReplayPlugin()])
+        eval_mb_size=common["eval_mb_size"], device=device, plugins=[GenerativeReplayPlugin()],
+        evaluator=EvaluationPlugin())  # no metric, no logger: the VAE's own training is not reported
     return GenerativeReplay(generator_strategy=generator_strategy, **common)
 
 

@@ -447,6 +447,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--data-root", help="override: folder with the data sets (e.g. ../shared/data)")
     parser.add_argument("--strategy", choices=STRATEGIES, help="override the strategy")
     parser.add_argument("--seed", type=int, help="override the seed")
+    parser.add_argument("--threads", type=int, help="override the torch thread count (default: torch's own)")
     parser.add_argument("--out", help="output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--resume", action="store_true",
@@ -458,7 +459,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         exp = ExperimentConfig.from_json(args.config) if args.config else default_experiment()
         overrides = {k: v for k, v in (("benchmark", args.benchmark), ("data_root", args.data_root),
-                                       ("strategy", args.strategy), ("seed", args.seed)) if v is not None}
+                                       ("strategy", args.strategy), ("seed", args.seed),
+                                       ("threads", args.threads)) if v is not None}
         if overrides:
             exp = ExperimentConfig.from_dict({**exp.to_dict(), **overrides})
     except ConfigError as exc:

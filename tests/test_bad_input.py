@@ -83,3 +83,11 @@ def test_cli_reports_bad_config_without_traceback(tmp_path, capsys):
     assert info.value.code == 2
     assert "guidance_scale=(9.0, 5.0)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists(), "nothing is written for a config that fails validation"
+
+
+def test_cli_threads_override_is_validated(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--threads", "0", "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    assert "threads=0 must be an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
