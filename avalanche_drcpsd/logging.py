@@ -26,7 +26,8 @@ from avalanche.logging import BaseLogger, CSVLogger
 
 from .utils import WriteError, sha256_file, write_error
 
-__all__ = ["MetricsCSVLogger", "ResumableCSVLogger", "log_position", "restore_log", "LogPositionError"]
+__all__ = ["MetricsCSVLogger", "ResumableCSVLogger", "log_position", "restore_log", "LogPositionError",
+           "flush_metric_values"]
 
 _KEPT = "rows written before are intact; a resumed run truncates the log to its last checkpoint"
 
@@ -66,6 +67,20 @@ def restore_log(path: Union[str, os.PathLike], position: Dict[str, Any]) -> None
                 fh.truncate(size)
         except OSError as exc:
             raise write_error(path, exc, kept="the log is unchanged") from exc
+
+
+def flush_metric_values(evaluator) -> int:
+    """Hand the metric values published since the evaluator's last callback to its loggers now; return how many.
+
+    Avalanche's ``EvaluationPlugin.publish_metric_value`` only queues a value; the loggers receive the queue at the
+    next strategy callback. A value published after the last evaluation of a run (e.g. the FID after the final
+    experience) would otherwise never be written."""
+    pending = list(getattr(evaluator, "_metric_values", []))
+    if pending:
+        for logger in evaluator.loggers:
+            logger.log_metrics(pending)
+        evaluator._metric_values = []
+    return len(pending)
 
 
 class MetricsCSVLogger(BaseLogger):

@@ -7,7 +7,8 @@ reads every run under ``<folder>/runs/<strategy>/seed<k>/logs/`` (Avalanche ``CS
 
 * ``summary.csv``: per strategy, mean and std over seeds of the final average accuracy, the final stream
   accuracy, the average forgetting and the wall time, with the stored real images and generator parameters;
-* ``accuracy.png``: accuracy on the whole test stream after each experience, per strategy (mean, seed band);
+* ``accuracy.png``: average accuracy on the experiences seen so far after each experience, per strategy (mean
+  over seeds, min-max band);
 * ``accuracy_matrix.png``: per strategy, the seed-mean accuracy on experience *j* after training on *i*;
 * ``mmd_gap.png``: the real-vs-synthetic gap (mean over the learned classes) after each experience, for the
   strategies that publish it;
@@ -31,6 +32,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -76,6 +78,17 @@ class RunLogs:
             return 0.0
         best = np.nanmax(earlier[:, seen], axis=0)
         return float(np.mean(best - self.matrix[last, : self.matrix.shape[1] - 1][seen]))
+
+    @property
+    def seen_accuracy(self) -> np.ndarray:
+        """After each experience *i*: the mean accuracy over the experiences seen so far,
+        :math:`\\frac1{i+1}\\sum_{j\\le i} a_{i,j}` (NaN where the run was not evaluated, e.g. Joint before the end)."""
+        out = np.full(self.matrix.shape[0], np.nan)
+        for i in range(self.matrix.shape[0]):
+            row = self.matrix[i, : i + 1]
+            if not np.isnan(row).any():
+                out[i] = float(row.mean())
+        return out
 
     def _last_row(self) -> int:
         rows = [i for i in range(self.matrix.shape[0]) if not np.isnan(self.matrix[i]).all()]
@@ -152,12 +165,15 @@ def summarise(runs: Dict[str, List[RunLogs]]) -> List[Dict[str, object]]:
             "average_forgetting": [r.average_forgetting for r in rs],
             "wall_time_s": [float(r.info.get("wall_time_s", "nan")) for r in rs],
         }
-        if all(r.fid for r in rs):
-            metrics["final_fid"] = [r.fid[-1] for r in rs]
-            metrics["final_kid"] = [r.kid[-1] for r in rs]
+        fid_exp = min((len(r.fid) for r in rs), default=0)  # experiences with a FID in every seed
+        if fid_exp:
+            metrics["final_fid"] = [r.fid[fid_exp - 1] for r in rs]
+            metrics["final_kid"] = [r.kid[fid_exp - 1] for r in rs]
         for name, values in metrics.items():
             mean, std = _mean_std(values)
             row[f"{name}_mean"], row[f"{name}_std"] = round(mean, 4), round(std, 4)
+        if fid_exp:
+            row["fid_after_experiences"] = fid_exp
         row["stored_real_images"] = int(float(rs[0].info.get("stored_real_images", 0)))
         row["generator_parameters"] = int(float(rs[0].info.get("generator_parameters", 0)))
         rows.append(row)
@@ -180,19 +196,19 @@ def _plots(runs: Dict[str, List[RunLogs]], out: str) -> List[str]:
     written = []
     fig, ax = plt.subplots(figsize=(6, 4))
     for strategy, rs in runs.items():
-        curves = [r.stream_accuracy for r in rs if r.stream_accuracy]
-        if not curves:
+        curves = np.array([r.seen_accuracy for r in rs])  # (seeds, experiences), NaN where not evaluated
+        xs = np.arange(1, curves.shape[1] + 1)
+        keep = ~np.isnan(curves).any(axis=0)
+        if not keep.any():
             continue
-        n = min(len(c) for c in curves)
-        a = np.array([c[-n:] for c in curves])
-        n_exp = rs[0].matrix.shape[1]
-        xs = np.arange(n_exp - n + 1, n_exp + 1)
-        mean = a.mean(0)
-        line, = ax.plot(xs, mean, marker="o", label=f"{strategy} ({len(curves)} seed{'s' * (len(curves) > 1)})")
-        if len(curves) > 1:
-            ax.fill_between(xs, a.min(0), a.max(0), color=line.get_color(), alpha=0.2)
+        a = curves[:, keep]
+        label = f"{strategy} ({len(rs)} seed{'s' * (len(rs) > 1)})"
+        line, = ax.plot(xs[keep], a.mean(0), marker="o", label=label)
+        if len(rs) > 1:
+            ax.fill_between(xs[keep], a.min(0), a.max(0), color=line.get_color(), alpha=0.2)
     ax.set_xlabel("experiences learned")
-    ax.set_ylabel("accuracy on the whole test stream")
+    ax.set_ylabel("average accuracy on the seen experiences")
+    ax.set_xticks(np.arange(1, max(r.matrix.shape[1] for rs in runs.values() for r in rs) + 1))
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -204,7 +220,9 @@ def _plots(runs: Dict[str, List[RunLogs]], out: str) -> List[str]:
     cols = min(4, n)
     fig, axes = plt.subplots(-(-n // cols), cols, figsize=(3.2 * cols, 3 * -(-n // cols)), squeeze=False)
     for ax, (strategy, rs) in zip(axes.flat, runs.items()):
-        m = np.nanmean(np.stack([r.matrix for r in rs]), axis=0)
+        with warnings.catch_warnings():  # Joint's rows before the last are all NaN (it is evaluated once)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            m = np.nanmean(np.stack([r.matrix for r in rs]), axis=0)
         ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
         for (i, j), v in np.ndenumerate(m):
             if not np.isnan(v):
@@ -264,9 +282,12 @@ def build_report(folder: str, title: Optional[str] = None) -> List[Dict[str, obj
             f"{r['stored_real_images']} | {r['generator_parameters']} |")
     fid_rows = [r for r in rows if "final_fid_mean" in r]
     if fid_rows:
-        lines += ["", "| strategy | final FID | final KID |", "|---|---|---|"]
-        lines += [f"| {r['strategy']} | {r['final_fid_mean']:.3f} ± {r['final_fid_std']:.3f} | "
-                  f"{r['final_kid_mean']:.4f} ± {r['final_kid_std']:.4f} |" for r in fid_rows]
+        lines += ["", "| strategy | after experiences learned | FID | KID |", "|---|---|---|---|"]
+        lines += [f"| {r['strategy']} | {r['fid_after_experiences']} | {r['final_fid_mean']:.3f} ± "
+                  f"{r['final_fid_std']:.3f} | {r['final_kid_mean']:.4f} ± {r['final_kid_std']:.4f} |"
+                  for r in fid_rows]
+        lines += ["", "FID/KID: real test images of the learned classes against as many synthetic samples per class, "
+                  "features of the project's extractor trained on the benchmark (`feature_extractor/`)."]
     lines += ["", "Final average accuracy: mean over experiences of the accuracy on each after the last one; "
               "stream accuracy: all test images pooled; ± is the standard deviation over seeds.", ""]
     for p in plots:

@@ -402,6 +402,7 @@ def _publish_fidelity(strategy, benchmark, exp_id: int, exp: ExperimentConfig) -
     from avalanche.evaluation.metric_results import MetricValue
 
     from .fidelity import fid_kid
+    from .logging import flush_metric_values
     from .utils import dataset_tensors
 
     learned = strategy.buffer.classes
@@ -416,6 +417,7 @@ def _publish_fidelity(strategy, benchmark, exp_id: int, exp: ExperimentConfig) -
     for key, name in (("fid", "RealSynFID"), ("kid_mean", "RealSynKID")):
         strategy.evaluator.publish_metric_value(
             MetricValue(strategy, f"{name}/Exp{exp_id:03d}", m[key], strategy.clock.train_iterations))
+    flush_metric_values(strategy.evaluator)  # published after the evaluation: no later callback may come
 
 
 def _write_key_values(path: str, values: Dict[str, Any]) -> None:

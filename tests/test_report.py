@@ -23,6 +23,8 @@ def test_average_accuracy_and_forgetting_by_hand():
     run = RunLogs("x", 0, m, stream_accuracy=[])
     assert run.final_average_accuracy == pytest.approx(1.6 / 3)
     assert run.average_forgetting == pytest.approx(0.4)
+    # accuracy on the seen experiences after each: .9, (.5 + .8) / 2, (.3 + .6 + .7) / 3
+    np.testing.assert_allclose(run.seen_accuracy, [0.9, 0.65, 1.6 / 3])
 
 
 def test_joint_run_with_one_row_has_no_forgetting():
@@ -30,6 +32,7 @@ def test_joint_run_with_one_row_has_no_forgetting():
     m[2] = [0.9, 0.8, 0.7]
     run = RunLogs("joint", 0, m, stream_accuracy=[0.8])
     assert run.final_average_accuracy == pytest.approx(0.8)
+    assert np.isnan(run.seen_accuracy[:2]).all() and run.seen_accuracy[2] == pytest.approx(0.8)
     assert run.average_forgetting == pytest.approx(0.0)
 
 
@@ -73,6 +76,9 @@ def test_compare_writes_one_csv_folder_per_run_and_a_report(compared):
     for png in ("accuracy.png", "accuracy_matrix.png", "mmd_gap.png", "fid.png", "kid.png"):
         data = (folder / png).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 2000, png
+    for seed in (1, 2):  # FID/KID after every experience, the last included (published after its evaluation)
+        names = {r["name"] for r in _read(folder / "runs" / "drcpsd" / f"seed{seed}" / "logs" / "metrics.csv")}
+        assert {f"RealSyn{m}/Exp{e:03d}" for m in ("FID", "KID") for e in (0, 1)} <= names
     report = (folder / "report.md").read_text()
     assert "compare.py" in report and "![accuracy](accuracy.png)" in report
     assert "runs/drcpsd/seed1/samples_exp1.png" in report
