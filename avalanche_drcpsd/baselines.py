@@ -24,7 +24,8 @@ from typing import Any, Callable, Dict, Sequence
 
 import torch
 
-__all__ = ["BASELINES", "STRATEGIES", "make_baseline", "stored_real_images", "is_joint", "names"]
+__all__ = ["BASELINES", "STRATEGIES", "make_baseline", "stored_real_images", "generator_parameters", "is_joint",
+           "names"]
 
 
 def _naive(common, spec):
@@ -115,6 +116,15 @@ def stored_real_images(name: str, n_train_images: int) -> int:
     if name == "drcpsd":
         return 0
     return int(BASELINES[name][1](n_train_images))
+
+
+def generator_parameters(strategy: Any) -> int:
+    """Parameters of the generative model a strategy keeps instead of real images: DR-CPSD's diffusion generator,
+    GenerativeReplay's VAE; 0 for the others."""
+    model = getattr(strategy, "generator", None)  # DRCPSD
+    if model is None and hasattr(strategy, "generator_strategy"):  # Avalanche GenerativeReplay
+        model = strategy.generator_strategy.model
+    return int(sum(p.numel() for p in model.parameters())) if isinstance(model, torch.nn.Module) else 0
 
 
 def is_joint(name: str) -> bool:

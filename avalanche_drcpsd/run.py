@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .baselines import STRATEGIES, is_joint, make_baseline, stored_real_images
+from .baselines import STRATEGIES, generator_parameters, is_joint, make_baseline, stored_real_images
 from .config import ConfigError, DRCPSDConfig
 from .data import BENCHMARKS
 from .utils import atomic_write
@@ -362,10 +362,9 @@ def run_experiment(exp: ExperimentConfig, out_dir: str, *, verbose: bool = True,
     if isinstance(strategy, DRCPSD):
         phases = sorted({p for (_, p) in strategy.timer.seconds})
         summary["phase_time_s"] = {p: strategy.timer.total(p) for p in phases}
-        summary["generator_parameters"] = sum(p.numel() for p in strategy.generator.parameters())
+    summary["generator_parameters"] = generator_parameters(strategy)
     info = {k: summary[k] for k in ("benchmark", "strategy", "seed", "final_average_accuracy", "wall_time_s",
-                                    "stored_real_images")}
-    info["generator_parameters"] = summary.get("generator_parameters", 0)
+                                    "stored_real_images", "generator_parameters")}
     _write_key_values(os.path.join(log_dir, RUN_INFO), info)
     _write_json(summary_path, summary)
     for logger in loggers:

@@ -108,6 +108,8 @@ def test_summary_equals_numbers_recomputed_from_the_csvs(compared):
         assert float(row["wall_time_s_mean"]) == pytest.approx(np.mean(walls), abs=1e-3)
     assert int(rows["er200"]["stored_real_images"]) == 200
     assert int(rows["drcpsd"]["stored_real_images"]) == 0 and int(rows["drcpsd"]["generator_parameters"]) > 0
+    assert int(rows["genreplay"]["generator_parameters"]) > 0, "the VAE is counted"
+    assert int(rows["naive"]["generator_parameters"]) == 0
     assert int(rows["joint"]["stored_real_images"]) > 200
 
 
