@@ -311,9 +311,11 @@ INDEX_END = "<!-- comparison table: end -->"
 
 def comparison_rows(root: str) -> List[Dict[str, object]]:
     """Every ``<root>/<benchmark>/summary.csv`` written by :func:`build_report`, as one list of rows with a
-    ``benchmark`` column (benchmark folders in name order; other summaries are skipped)."""
+    ``benchmark`` column (the four public benchmarks in their usual order, then other folders by name; other
+    summaries are skipped)."""
+    order = ("split_mnist", "split_fmnist", "split_cifar10", "split_gtsrb")
     rows: List[Dict[str, object]] = []
-    for name in sorted(os.listdir(root)):
+    for name in sorted(os.listdir(root), key=lambda n: (order.index(n) if n in order else len(order), n)):
         path = os.path.join(root, name, "summary.csv")
         if not os.path.isfile(path):
             continue
