@@ -31,7 +31,7 @@ import torch
 from .baselines import STRATEGIES, generator_parameters, is_joint, make_baseline, stored_real_images
 from .config import ConfigError, DRCPSDConfig
 from .data import BENCHMARKS
-from .utils import atomic_write
+from .utils import atomic_write, atomic_write_csv, atomic_write_text
 
 __all__ = ["ExperimentConfig", "run_experiment", "main", "RUN_INFO"]
 
@@ -420,25 +420,11 @@ def _publish_fidelity(strategy, benchmark, exp_id: int, exp: ExperimentConfig) -
 
 
 def _write_key_values(path: str, values: Dict[str, Any]) -> None:
-    import csv
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(["key", "value"])
-            w.writerows(values.items())
-
-    atomic_write(path, write)
+    atomic_write_csv(path, [{"key": k, "value": v} for k, v in values.items()])
 
 
 def _write_json(path: str, payload: Dict[str, Any]) -> None:
-    text = json.dumps(payload, indent=2, default=str)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    atomic_write(path, write)
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
