@@ -54,3 +54,11 @@ def mnist_small(data_root):
     from avalanche_drcpsd.data import split_mnist
 
     return split_mnist(data_root, train_per_class=40, test_per_class=20, seed=0)
+
+
+@pytest.fixture(scope="session")
+def sd_dir(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion pipeline directory (tests/tiny_sd.py), built once per session."""
+    from tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "pipeline")

@@ -17,8 +17,6 @@ from avalanche_drcpsd import EmbeddingBuffer
 from avalanche_drcpsd.cli import load_image_folder, sample_main, train_cpsd_main
 from avalanche_drcpsd.generator import DiffusionGenerator
 
-from test_sd import build_tiny_sd
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ENCODER = {"kind": "default", "hidden_size": 16, "num_layers": 1, "num_heads": 2}
@@ -32,11 +30,6 @@ def offline_dir(tmp_path_factory) -> Path:
     DiffusionGenerator.build(image_shape=(1, 8, 8), cross_attention_dim=16, block_out_channels=(8, 16),
                              attention_head_dim=4, patch_size=1).save_pretrained(directory)
     return directory
-
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "pipeline")
 
 
 @pytest.fixture(scope="module")

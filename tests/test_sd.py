@@ -6,15 +6,12 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from avalanche_drcpsd import CPSDGeneratorPlugin, DRCPSDConfig
 from avalanche_drcpsd.config import ConfigError
@@ -24,41 +21,13 @@ from avalanche_drcpsd.losses import cpsd_loss, ldm_loss
 from avalanche_drcpsd.sd import (SD_OPTIONS, StableDiffusionError, StableDiffusionGenerator, draw_guidance_scales,
                                  load_generator, parse_dtype, pipeline_fingerprint, save_random_pipeline,
                                  to_classifier_images, to_pipeline_images)
-from avalanche_drcpsd.text_encoders import CLIP_CONTEXT_LENGTH, CLIP_VOCAB_SIZE, HFCLIPTextEncoder, build_clip_tokenizer
+from avalanche_drcpsd.text_encoders import HFCLIPTextEncoder
+
+from tiny_sd import HIDDEN, RES, build_tiny_sd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-RES, HIDDEN = 16, 32  # image side (latents 4 x 8 x 8: a VAE with 2 levels halves once), text width
 PROMPT = "a photo of a dog"
-
-
-def build_tiny_sd(directory: Path, *, prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """A StableDiffusionPipeline of tiny random networks built from configs, saved with save_pretrained."""
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=8, sample_size=RES)
-    unet = UNet2DConditionModel(sample_size=RES // 2, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=HIDDEN,
-                                attention_head_dim=4, norm_num_groups=8)
-    tokenizer = build_clip_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=CLIP_CONTEXT_LENGTH, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(str(directory), safe_serialization=True)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "pipeline")
 
 
 @pytest.fixture(scope="module")
