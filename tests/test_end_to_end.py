@@ -36,12 +36,14 @@ def _run(strategy_name, benchmark):
                   evaluator=EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[]))
     if strategy_name == "drcpsd":
         # the smallest budget at which the generator draws recognisable digits on a 2-core CPU (see
-        # results/README.md); with a generator that draws noise no replay method can keep old classes
+        # results/README.md); with a generator that draws noise no replay method can keep old classes.
+        # 10 replay epochs: an experience of 300 images is 10 paired batches, and with one epoch the averaged
+        # student had 13 steps, too few to fit the new classes (they ended at 0.4-0.7)
         cfg = tiny_config(unet_block_out_channels=(32, 64, 64), generator_steps=250, generator_batch_size=32,
                           n_replay_per_class=200, sampling_steps=8, guidance_scale=3.0, replay_batch_real=32,
                           replay_batch_syn=32, cpsd_batch_size=32, cpsd_max_images_per_class=32,
                           gap_samples_per_class=0, kappa=1.0, kappa_schedule="balanced", replay_kd_weight=3.0,
-                          replay_lr=0.01)
+                          replay_lr=0.01, replay_epochs=10)
         strategy = DRCPSD(config=cfg, class_names=benchmark.class_names, verbose=False, **common)
     else:
         strategy = Naive(**common)
@@ -99,12 +101,10 @@ def test_runner_writes_logs_state_and_summary(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["stored_real_images"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open (issue 2): replay still costs the current task accuracy. With the original isolation loss (CE on "
-    "synthetic images at weight 1 against kappa=0.05 CE on real) the new classes fell from ~0.99 to 0.0; with "
-    "the balanced kappa schedule and old-teacher logit distillation (this config) they reach 0.685 and the old "
-    "classes 0.78 (measured 2026-11-30), still under 0.8. Bound: the quality of the small generator's digits."))
-def test_drcpsd_keeps_the_new_classes_after_replay(mnist_e2e, drcpsd_run):
-    strategy, _ = drcpsd_run
+def test_drcpsd_keeps_old_and_new_classes_after_replay(mnist_e2e, drcpsd_run):
+    """Replay must not buy the old classes with the current ones (it once erased them: 0.99 -> 0.0)."""
+    strategy, acc_old = drcpsd_run
     results = strategy.eval(mnist_e2e.test_stream[N_EXP - 1: N_EXP])
-    assert results[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{N_EXP - 1:03d}"] >= 0.8
+    acc_new = results[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{N_EXP - 1:03d}"]
+    print(f"after {N_EXP} experiences: old classes {acc_old:.3f}, new classes {acc_new:.3f}")
+    assert acc_new >= 0.8 and acc_old >= 0.8
