@@ -25,13 +25,14 @@ import torch
 
 from .baselines import names as strategy_names
 from .config import ConfigError
+from .data import SPLIT_BENCHMARKS
 from .report import build_report
 from .run import RUN_INFO, ExperimentConfig, run_experiment
 from .utils import atomic_write_text
 
 __all__ = ["BENCHMARKS", "SEEDS", "profile_config", "main"]
 
-BENCHMARKS = ("split_mnist", "split_fmnist", "split_cifar10", "split_gtsrb")
+BENCHMARKS = SPLIT_BENCHMARKS
 SEEDS = (42, 69, 1714)
 
 

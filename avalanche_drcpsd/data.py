@@ -47,6 +47,7 @@ from .utils import atomic_write
 
 __all__ = [
     "BENCHMARKS",
+    "SPLIT_BENCHMARKS",
     "BenchmarkSpec",
     "ChecksumError",
     "DataError",
@@ -72,8 +73,10 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-#: Valid names for :func:`make_benchmark`.
-BENCHMARKS = ("default", "split_mnist", "split_fmnist", "split_cifar10", "split_gtsrb")
+#: The benchmarks read from a data root, in the order runners, reports and tables list them.
+SPLIT_BENCHMARKS = ("split_mnist", "split_fmnist", "split_cifar10", "split_gtsrb")
+#: Valid names for :func:`make_benchmark`: the embedded default and the split benchmarks.
+BENCHMARKS = ("default",) + SPLIT_BENCHMARKS
 
 DATA_README = "../shared/data/README.md"
 CACHE_ENV = "AVALANCHE_DRCPSD_CACHE"

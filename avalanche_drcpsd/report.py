@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .data import SPLIT_BENCHMARKS
 from .utils import atomic_write, atomic_write_csv, atomic_write_text
 
 __all__ = ["RunLogs", "load_run", "find_runs", "summarise", "build_report", "main"]
@@ -313,7 +314,7 @@ def comparison_rows(root: str) -> List[Dict[str, object]]:
     """Every ``<root>/<benchmark>/summary.csv`` written by :func:`build_report`, as one list of rows with a
     ``benchmark`` column (the four public benchmarks in their usual order, then other folders by name; other
     summaries are skipped)."""
-    order = ("split_mnist", "split_fmnist", "split_cifar10", "split_gtsrb")
+    order = SPLIT_BENCHMARKS
     rows: List[Dict[str, object]] = []
     for name in sorted(os.listdir(root), key=lambda n: (order.index(n) if n in order else len(order), n)):
         path = os.path.join(root, name, "summary.csv")
