@@ -113,6 +113,10 @@ class DRCPSDConfig:
     # --- dream replay ---------------------------------------------------------------------------------
     n_replay_per_class: int = 6000
     replay_epochs: int = 1
+    #: *package*: at least this many optimiser steps per replay phase, reached by adding epochs (0: off, the
+    #: reference's fixed ``replay_epochs``). Small experiences need it: one epoch of 13 paired batches left the
+    #: averaged student unfitted.
+    replay_min_steps: int = 0
     replay_batch_real: int = 16
     replay_batch_syn: int = 16
     #: None: the classifier's own learning rate (a fresh optimiser of the same class and settings).
@@ -165,7 +169,7 @@ class DRCPSDConfig:
                      "replay_batch_real", "replay_batch_syn", "unet_layers_per_block", "unet_attention_head_dim",
                      "patch_size"):
             _int_at_least(name, getattr(self, name), 1)
-        for name in ("generator_steps", "gap_samples_per_class", "seed"):
+        for name in ("generator_steps", "gap_samples_per_class", "replay_min_steps", "seed"):
             _int_at_least(name, getattr(self, name), 0)
         if self.seed >= 2 ** 32:
             raise ConfigError(f"seed={self.seed!r} must be < 2**32 (what numpy and torch accept as a seed)")

@@ -381,11 +381,19 @@ def run_experiment(exp: ExperimentConfig, out_dir: str, *, verbose: bool = True,
 
 
 def _check_same_experiment(saved: Dict[str, Any], exp: ExperimentConfig, out_dir: str) -> None:
-    """Refuse to resume a run with another configuration (``threads`` and the recorded command may differ)."""
+    """Refuse to resume a run with another configuration (``threads`` and the recorded command may differ).
+
+    A field the saved configuration lacks (one added to the package after the run started) counts as its
+    current default, so that adding an option that is off by default keeps older runs resumable."""
     from .checkpoint import CheckpointError
 
     now = json.loads(json.dumps(exp.to_dict(), default=str))
     saved = {k: v for k, v in saved.items() if k not in ("threads", "command")}
+    try:  # fill in the defaults of fields added since; a config that no longer builds is compared as it is
+        saved = json.loads(json.dumps(ExperimentConfig.from_dict(saved).to_dict(), default=str))
+        saved.pop("threads", None)
+    except ConfigError:
+        pass
     now.pop("threads", None)
     if saved != now:
         diffs = []

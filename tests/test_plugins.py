@@ -258,3 +258,41 @@ def test_balanced_kappa_schedule_weighs_new_classes_by_their_share(mnist_small):
     assert constant.effective_kappa == {1: 0.05}
     with pytest.raises(ValueError, match="kappa_schedule='linear'"):
         DreamReplayPlugin(FakeSource([]), kappa_schedule="linear")
+
+
+def test_replay_min_steps_adds_epochs_and_few_steps_warn(mnist_small):
+    """With ``min_steps`` the phase runs whole extra epochs until it has made that many optimiser steps; a phase
+    of fewer than FEW_REPLAY_STEPS steps warns, naming the count and the options that raise it."""
+    from avalanche_drcpsd.plugins.dream_replay import FEW_REPLAY_STEPS, replay_epochs_for
+
+    assert replay_epochs_for(13, 1) == 1
+    assert replay_epochs_for(13, 1, 100) == 8  # ceil(100 / 13)
+    assert replay_epochs_for(13, 10, 100) == 10  # never fewer than asked
+    assert replay_epochs_for(200, 1, 100) == 1
+    with pytest.raises(ValueError, match="steps_per_epoch=0"):
+        replay_epochs_for(0, 1)
+
+    steps = -(-len(mnist_small.train_stream[1].dataset) // 16)  # paired batches per epoch (the real side is longer)
+    assert steps < FEW_REPLAY_STEPS
+    few = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8, verbose=False)
+    strategy = _naive(MLP(), [few])
+    strategy.train(mnist_small.train_stream[0])
+    with pytest.warns(UserWarning, match=rf"only {steps} optimiser steps \(1 epoch\(s\) of {steps} paired batches\)"
+                                         r".*replay_min_steps"):
+        strategy.train(mnist_small.train_stream[1])
+    assert few.epochs_used == {1: 1} and few.replayed_batches == steps
+
+    enough = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8,
+                               min_steps=FEW_REPLAY_STEPS, verbose=False)
+    strategy = _naive(MLP(), [enough])
+    strategy.train(mnist_small.train_stream[0])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*optimiser steps.*")
+        strategy.train(mnist_small.train_stream[1])
+    epochs = -(-FEW_REPLAY_STEPS // steps)
+    assert enough.epochs_used == {1: epochs} and enough.replayed_batches == epochs * steps >= FEW_REPLAY_STEPS
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match=f"min_steps={bad!r}"):
+            DreamReplayPlugin(FakeSource([]), min_steps=bad)

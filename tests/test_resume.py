@@ -156,3 +156,17 @@ def test_resume_refuses_another_configuration(tmp_path):
     with pytest.raises(CheckpointError, match="drcpsd' only"):
         run_experiment(ExperimentConfig.from_dict({**exp.to_dict(), "strategy": "naive"}), str(tmp_path),
                        verbose=False, resume=True)
+
+
+def test_resume_accepts_a_configuration_saved_before_a_field_was_added():
+    """A run saved before an option existed resumes when the option is at its default (the saved config lacks
+    it), and is refused when it is not."""
+    from avalanche_drcpsd.run import _check_same_experiment
+
+    exp = experiment()
+    saved = exp.to_dict()
+    del saved["drcpsd"]["replay_min_steps"]
+    _check_same_experiment(saved, exp, "out")
+    changed = ExperimentConfig.from_dict({**exp.to_dict(), "drcpsd": {**exp.drcpsd.to_dict(), "replay_min_steps": 100}})
+    with pytest.raises(CheckpointError, match=r"drcpsd\.replay_min_steps: 0 -> 100"):
+        _check_same_experiment(saved, changed, "out")

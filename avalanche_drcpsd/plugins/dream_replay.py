@@ -6,7 +6,8 @@ teacher*), the plugin
 1. asks its synthetic source for ``n_replay_per_class`` images of every old class;
 2. initialises the student as the average of the old teacher (the model after :math:`t-1`) and the new teacher
    (or, with ``student_init="ema"``, :math:`(1-\alpha)\theta_{old}+\alpha\theta_{new}`);
-3. trains it for ``replay_epochs`` over paired batches (``batch_real`` real + ``batch_syn`` synthetic) with
+3. trains it for ``replay_epochs`` over paired batches (``batch_real`` real + ``batch_syn`` synthetic; one epoch
+   is ``max(real, synthetic)`` batches, raised to at least ``min_steps`` optimiser steps in all when set) with
 
 .. math:: \mathcal{L} = CE(f_s(x^{syn}), y^{syn}) + \kappa\,CE(f_s(x^{real}), y^{real})
           + MSE(h_s, h_{old}) + \pi\,MSE(h_s, h_{new}) \;[+\,\beta\,KD_T(z_s, z_{old}; C_{old})]
@@ -29,6 +30,8 @@ Reference: DR-CPSD (Dream Replay with CLIP Projection Stable Diffusion): kappa =
 from __future__ import annotations
 
 import itertools
+import math
+import warnings
 from typing import Callable, Optional, Protocol, Sequence, Set, Tuple
 
 import torch
@@ -43,7 +46,21 @@ from ..losses import balanced_kappa, isolation_loss, logit_distillation_loss
 from ..utils import PhaseTimer, interpolate_state_dicts
 from .distill import DistillPlugin
 
-__all__ = ["SyntheticSource", "DreamReplayPlugin"]
+__all__ = ["SyntheticSource", "DreamReplayPlugin", "replay_epochs_for", "FEW_REPLAY_STEPS"]
+
+#: fewer optimiser steps than this in one replay phase draw a warning: on the main job's small experiences,
+#: 13 steps left the averaged student unfitted (replay CE 4.6-5.0) and the newest classes erased.
+FEW_REPLAY_STEPS = 100
+
+
+def replay_epochs_for(steps_per_epoch: int, epochs: int, min_steps: int = 0) -> int:
+    r"""Replay epochs to run: ``epochs``, raised so that the phase makes at least ``min_steps`` optimiser steps.
+
+    .. math:: E = \max\left(E_0, \left\lceil \frac{S_{min}}{S_{epoch}} \right\rceil\right)
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch={steps_per_epoch!r} must be >= 1")
+    return max(epochs, math.ceil(min_steps / steps_per_epoch))
 
 
 class SyntheticSource(Protocol):
@@ -59,6 +76,7 @@ class DreamReplayPlugin(SupervisedPlugin):
         *,
         n_replay_per_class: int = 6000,
         replay_epochs: int = 1,
+        min_steps: int = 0,
         batch_real: int = 16,
         batch_syn: int = 16,
         kappa: float = 0.05,
@@ -79,6 +97,9 @@ class DreamReplayPlugin(SupervisedPlugin):
         :param source: gives synthetic old-class images (``sample_replay``).
         :param distill: the feature-distillation plugin holding the teachers; a private one (``pi``, split
             targets, not active during ordinary training) when None.
+        :param min_steps: *package*: run at least this many optimiser steps per replay phase, by adding epochs
+            (:func:`replay_epochs_for`); 0 (off, the reference) keeps exactly ``replay_epochs``. The epochs used
+            are kept in ``epochs_used[experience]``.
         :param replay_lr: learning rate of the replay optimiser (same class and settings as the strategy's);
             None keeps the strategy optimiser's own.
         :param grad_clip: clip the student's gradient norm at this value during replay (None: no clipping).
@@ -96,6 +117,9 @@ class DreamReplayPlugin(SupervisedPlugin):
                         ("batch_real", batch_real), ("batch_syn", batch_syn)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        if not isinstance(min_steps, int) or min_steps < 0:
+            raise ValueError(f"min_steps={min_steps!r} must be an integer >= 0")
+        self.min_steps = min_steps
         if kappa < 0:
             raise ValueError(f"kappa={kappa!r} must be >= 0")
         if kappa_schedule not in ("constant", "balanced"):
@@ -120,6 +144,8 @@ class DreamReplayPlugin(SupervisedPlugin):
         self.stats: dict = {}
         #: per experience: the isolation weight actually used
         self.effective_kappa: dict = {}
+        #: per experience: the replay epochs actually run (``replay_epochs`` raised by ``min_steps``)
+        self.epochs_used: dict = {}
         self.distill = distill if distill is not None else DistillPlugin(pi=pi, during_training=False)
         self.syn_transform = syn_transform
         self.timer = timer if timer is not None else PhaseTimer()
@@ -130,7 +156,7 @@ class DreamReplayPlugin(SupervisedPlugin):
     @classmethod
     def from_config(cls, source: SyntheticSource, config, **kwargs) -> "DreamReplayPlugin":
         return cls(source, n_replay_per_class=config.n_replay_per_class, replay_epochs=config.replay_epochs,
-                   batch_real=config.replay_batch_real, batch_syn=config.replay_batch_syn, kappa=config.kappa,
+                   min_steps=config.replay_min_steps, batch_real=config.replay_batch_real, batch_syn=config.replay_batch_syn, kappa=config.kappa,
                    kappa_schedule=config.kappa_schedule, pi=config.pi, student_init=config.student_init, ema_alpha=config.ema_alpha,
                    replay_lr=config.replay_lr, grad_clip=config.replay_grad_clip,
                    kd_weight=config.replay_kd_weight, kd_temperature=config.replay_kd_temperature, **kwargs)
@@ -172,10 +198,17 @@ class DreamReplayPlugin(SupervisedPlugin):
         syn = DataLoader(TensorDataset(x_syn, y_syn), batch_size=self.batch_syn, shuffle=True,
                          drop_last=len(y_syn) > self.batch_syn)
         steps = max(len(real), len(syn))
-        bar = tqdm(total=steps * self.replay_epochs, desc=f"exp {strategy.experience.current_experience} replay",
-                   disable=not self.verbose, leave=False)
+        exp = strategy.experience.current_experience
+        epochs = self.epochs_used[exp] = replay_epochs_for(steps, self.replay_epochs, self.min_steps)
+        if steps * epochs < FEW_REPLAY_STEPS:
+            warnings.warn(
+                f"experience {exp}: dream replay makes only {steps * epochs} optimiser steps ({epochs} epoch(s) of "
+                f"{steps} paired batches); under {FEW_REPLAY_STEPS} the averaged student may not fit and may erase "
+                f"the newest classes. Raise replay_epochs or set replay_min_steps (e.g. {FEW_REPLAY_STEPS}).",
+                stacklevel=2)
+        bar = tqdm(total=steps * epochs, desc=f"exp {exp} replay", disable=not self.verbose, leave=False)
         trace: dict = {}
-        for _ in range(self.replay_epochs):
+        for _ in range(epochs):
             for (xr, yr, *_), (xs, ys) in itertools.islice(zip(_cycle(real), _cycle(syn)), steps):
                 xr, yr = xr.to(device), yr.to(device)
                 xs, ys = xs.to(device), ys.to(device)
@@ -203,7 +236,6 @@ class DreamReplayPlugin(SupervisedPlugin):
                 self.replayed_batches += 1
                 bar.update(1)
         bar.close()
-        exp = strategy.experience.current_experience
         self.stats[exp] = {f"{k}_{name}": agg(v) for k, v in trace.items()
                            for name, agg in (("mean", lambda v: sum(v) / len(v)), ("max", max))}
         for key, value in self.stats[exp].items():
