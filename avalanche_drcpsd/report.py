@@ -12,7 +12,10 @@ reads every run under ``<folder>/runs/<strategy>/seed<k>/logs/`` (Avalanche ``CS
 * ``accuracy_matrix.png``: per strategy, the seed-mean accuracy on experience *j* after training on *i*;
 * ``mmd_gap.png``: the real-vs-synthetic gap (mean over the learned classes) after each experience, for the
   strategies that publish it;
-* ``report.md``: all of the above with the command that produced the runs (``command.txt``).
+* ``targets.csv``: DR-CPSD against the comparison's targets (:data:`TARGETS`, :func:`target_checks`): each
+  target, the figures it compares and the margin in accuracy points (negative: missed by that much);
+* ``report.md``: all of the above with the command that produced the runs (``command.txt``) and, when the
+  folder has one, the hand-written ``notes.md`` (why a target is missed), included as it is.
 
 ``python -m avalanche_drcpsd.report --index results`` then gathers every benchmark's ``summary.csv`` into
 ``results/comparison.csv`` and the table between the comparison markers of ``results/README.md``.
@@ -38,13 +41,26 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .baselines import STRATEGIES, is_joint
 from .data import SPLIT_BENCHMARKS
 from .utils import atomic_write, atomic_write_csv, atomic_write_text
 
-__all__ = ["RunLogs", "load_run", "find_runs", "summarise", "build_report", "main"]
+__all__ = ["RunLogs", "load_run", "find_runs", "summarise", "target_checks", "build_report", "main", "TARGETS"]
 
 STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
 MMD_PREFIX = "RealSynMMD/eval_phase/test_stream/Class"
+
+
+#: the comparison's targets for DR-CPSD per benchmark folder: ``min_accuracy``, a final average accuracy to reach;
+#: ``max_joint_gap``, at most this far (accuracy, 0-1) under Joint. On every benchmark DR-CPSD is also to be above
+#: every baseline that stores as many real images or more (Joint, the upper bound, excepted: ``is_joint``).
+TARGETS: Dict[str, Dict[str, float]] = {
+    "split_mnist": {"min_accuracy": 0.92},
+    "split_fmnist": {"max_joint_gap": 0.10},
+    "split_gtsrb": {"min_accuracy": 0.80},
+}
+METHOD = "drcpsd"
+NOTES = "notes.md"
 
 
 class ReportError(ValueError):
@@ -181,6 +197,48 @@ def summarise(runs: Dict[str, List[RunLogs]]) -> List[Dict[str, object]]:
     return sorted(rows, key=lambda r: -float(r["final_average_accuracy_mean"]))
 
 
+def target_checks(rows: Sequence[Dict[str, object]], benchmark: str, method: str = METHOD) -> List[Dict[str, object]]:
+    """``method`` against the comparison's targets, from :func:`summarise` rows (means over seeds).
+
+    One row per target: ``target`` (in words), ``value`` (the method's final average accuracy), ``reference``
+    (the figure it is held against), ``margin_points`` = 100 x (value - reference) for "above a baseline" and
+    "at least", 100 x (gap allowed - (Joint - value)) for "within N points of Joint", and ``met`` (margin > 0,
+    or >= 0 for the thresholds). Nothing when the method was not run."""
+    by_name = {str(r["strategy"]): r for r in rows}
+    if method not in by_name:
+        return []
+    mine = by_name[method]
+    acc = float(mine["final_average_accuracy_mean"])
+    budget = int(mine["stored_real_images"])
+    checks: List[Dict[str, object]] = []
+
+    def add(target: str, reference: float, margin: float, met: bool) -> None:
+        checks.append({"target": target, "value": round(acc, 4), "reference": round(reference, 4),
+                       "margin_points": round(100 * margin, 2), "met": met})
+
+    wanted = TARGETS.get(benchmark, {})
+    if "min_accuracy" in wanted:
+        t = wanted["min_accuracy"]
+        add(f"final average accuracy >= {t:.2f}", t, acc - t, acc >= t)
+    joint_name = next((name for name in by_name if is_joint(name)), None)
+    if "max_joint_gap" in wanted and joint_name is not None:
+        t, joint = wanted["max_joint_gap"], float(by_name[joint_name]["final_average_accuracy_mean"])
+        add(f"within {100 * t:.0f} points of {joint_name}", joint, t - (joint - acc), joint - acc <= t)
+    for r in rows:  # summarise's order: best first
+        name = str(r["strategy"])
+        if name == method or is_joint(name) or int(r["stored_real_images"]) < budget:
+            continue
+        other = float(r["final_average_accuracy_mean"])
+        add(f"above {name} ({r['stored_real_images']} real images)", other, acc - other, acc > other)
+    return checks
+
+
+def _color(strategy: str) -> Optional[str]:
+    """The same matplotlib colour for a strategy in every plot and report (None: the next of the cycle)."""
+    names = list(STRATEGIES)
+    return f"C{names.index(strategy) % 10}" if strategy in names else None
+
+
 def _save_png(fig, path: str) -> None:
     import matplotlib.pyplot as plt
 
@@ -196,20 +254,27 @@ def _plots(runs: Dict[str, List[RunLogs]], out: str) -> List[str]:
 
     written = []
     fig, ax = plt.subplots(figsize=(6, 4))
+    n_exp = max(r.matrix.shape[1] for rs in runs.values() for r in rs)
     for strategy, rs in runs.items():
+        label = f"{strategy} ({len(rs)} seed{'s' * (len(rs) > 1)})"
+        if is_joint(strategy):  # evaluated once, after training on everything: a level, not a curve
+            finals = [r.final_average_accuracy for r in rs]
+            ax.axhline(float(np.mean(finals)), ls="--", lw=1.2, color="k", label=f"{label}: upper bound, all at once")
+            if len(rs) > 1:
+                ax.axhspan(min(finals), max(finals), color="k", alpha=0.1)
+            continue
         curves = np.array([r.seen_accuracy for r in rs])  # (seeds, experiences), NaN where not evaluated
         xs = np.arange(1, curves.shape[1] + 1)
         keep = ~np.isnan(curves).any(axis=0)
         if not keep.any():
             continue
         a = curves[:, keep]
-        label = f"{strategy} ({len(rs)} seed{'s' * (len(rs) > 1)})"
-        line, = ax.plot(xs[keep], a.mean(0), marker="o", label=label)
+        line, = ax.plot(xs[keep], a.mean(0), marker="o", label=label, color=_color(strategy))
         if len(rs) > 1:
             ax.fill_between(xs[keep], a.min(0), a.max(0), color=line.get_color(), alpha=0.2)
     ax.set_xlabel("experiences learned")
     ax.set_ylabel("average accuracy on the seen experiences")
-    ax.set_xticks(np.arange(1, max(r.matrix.shape[1] for rs in runs.values() for r in rs) + 1))
+    ax.set_xticks(np.arange(1, n_exp + 1))
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -224,6 +289,9 @@ def _plots(runs: Dict[str, List[RunLogs]], out: str) -> List[str]:
         with warnings.catch_warnings():  # Joint's rows before the last are all NaN (it is evaluated once)
             warnings.simplefilter("ignore", RuntimeWarning)
             m = np.nanmean(np.stack([r.matrix for r in rs]), axis=0)
+        if is_joint(strategy):  # its one evaluation row, after training on all experiences at once
+            m = m[~np.isnan(m).all(axis=1)][-1:]
+            ax.set_yticks([0], ["all"])
         ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
         for (i, j), v in np.ndenumerate(m):
             if not np.isnan(v):
@@ -247,7 +315,8 @@ def _plots(runs: Dict[str, List[RunLogs]], out: str) -> List[str]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for strategy, curves in curves_by.items():
             k = min(len(c) for c in curves)
-            ax.plot(range(1, k + 1), np.mean([c[:k] for c in curves], 0), marker="o", label=strategy)
+            ax.plot(range(1, k + 1), np.mean([c[:k] for c in curves], 0), marker="o", label=strategy,
+                    color=_color(strategy))
         ax.set_xlabel("experiences learned")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -291,6 +360,24 @@ def build_report(folder: str, title: Optional[str] = None) -> List[Dict[str, obj
                   "features of the project's extractor trained on the benchmark (`feature_extractor/`)."]
     lines += ["", "Final average accuracy: mean over experiences of the accuracy on each after the last one; "
               "stream accuracy: all test images pooled; ± is the standard deviation over seeds.", ""]
+    name = os.path.basename(os.path.normpath(folder))
+    checks = target_checks(rows, name)
+    if checks:
+        atomic_write_csv(os.path.join(folder, "targets.csv"), checks)
+        seeds = str(next(r["seeds"] for r in rows if r["strategy"] == METHOD))
+        lines += [f"## Targets ({METHOD}, seeds {seeds})", "", "| target | " + METHOD + " | against | margin (points) | |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {c['target']} | {c['value']:.4f} | {c['reference']:.4f} | {c['margin_points']:+.1f} | "
+                  f"{'met' if c['met'] else '**missed**'} |" for c in checks]
+        missed = sum(not c["met"] for c in checks)
+        lines += ["", f"{len(checks) - missed} of {len(checks)} met. A negative margin is how many accuracy points "
+                  "the target is missed by (means over seeds; `targets.csv`).", ""]
+    elif os.path.exists(os.path.join(folder, "targets.csv")):
+        os.remove(os.path.join(folder, "targets.csv"))
+    notes = os.path.join(folder, NOTES)
+    if os.path.isfile(notes):
+        lines += [f"## Notes (written by hand in `{NOTES}`, not rebuilt from the CSVs)", "",
+                  open(notes, encoding="utf-8").read().strip(), ""]
     for p in plots:
         lines += [f"![{p[:-4]}]({p})", ""]
     for strategy, rs in runs.items():

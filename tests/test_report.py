@@ -113,6 +113,59 @@ def test_summary_equals_numbers_recomputed_from_the_csvs(compared):
     assert int(rows["joint"]["stored_real_images"]) > 200
 
 
+def test_targets_equal_those_recomputed_from_the_summary(compared):
+    """split_mnist's targets: >= 0.92, and above every baseline storing as many real images or more (all of
+    them: DR-CPSD stores none), Joint excepted; margins in accuracy points; hand-written notes.md is included."""
+    from avalanche_drcpsd.report import target_checks
+
+    folder, _ = compared
+    summary = {r["strategy"]: r for r in _read(folder / "summary.csv")}
+    acc = float(summary["drcpsd"]["final_average_accuracy_mean"])
+    expected = {"final average accuracy >= 0.92": (0.92, acc - 0.92, acc >= 0.92)}
+    for name, r in summary.items():
+        if name not in ("drcpsd", "joint"):
+            other = float(r["final_average_accuracy_mean"])
+            expected[f"above {name} ({r['stored_real_images']} real images)"] = (other, acc - other, acc > other)
+    rows = _read(folder / "targets.csv")
+    assert {r["target"] for r in rows} == set(expected)
+    for r in rows:
+        reference, margin, met = expected[r["target"]]
+        assert float(r["value"]) == pytest.approx(acc)
+        assert float(r["reference"]) == pytest.approx(reference)
+        assert float(r["margin_points"]) == pytest.approx(100 * margin, abs=0.01)
+        assert r["met"] == str(met)
+        line = next(l for l in (folder / "report.md").read_text().splitlines() if l.startswith(f"| {r['target']} |"))
+        assert line.endswith("| met |" if met else "| **missed** |") and f"{100 * margin:+.1f}" in line
+
+    # Joint's target, from summary rows made by hand: 0.70 against Joint 0.90 misses 10 points by 10
+    rows = [{"strategy": "joint", "final_average_accuracy_mean": 0.90, "stored_real_images": 60000},
+            {"strategy": "drcpsd", "final_average_accuracy_mean": 0.70, "stored_real_images": 0},
+            {"strategy": "er200", "final_average_accuracy_mean": 0.68, "stored_real_images": 200}]
+    checks = {c["target"]: c for c in target_checks(rows, "split_fmnist")}
+    assert checks["within 10 points of joint"]["margin_points"] == pytest.approx(-10.0)
+    assert not checks["within 10 points of joint"]["met"]
+    assert checks["above er200 (200 real images)"]["met"] and "above joint" not in " ".join(checks)
+    assert target_checks(rows[:1], "split_fmnist") == [], "no targets without the method"
+    # a baseline storing fewer real images than the method is no target
+    rows.append({"strategy": "er0", "final_average_accuracy_mean": 0.9, "stored_real_images": 0})
+    assert "above er0 (0 real images)" not in {c["target"] for c in target_checks(rows[1:], "x", method="er200")}
+
+
+def test_report_includes_hand_written_notes(compared, tmp_path):
+    folder, _ = compared
+    copy = tmp_path / "split_mnist"
+    for path in folder.rglob("*.csv"):
+        if "runs" in path.parts:
+            dest = copy / path.relative_to(folder)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(path.read_bytes())
+    (copy / "notes.md").write_text("The generator forgets the oldest classes.\n")
+    assert report_main([str(copy)]) == 0
+    report = (copy / "report.md").read_text()
+    assert "## Notes (written by hand" in report and "The generator forgets the oldest classes." in report
+    assert report.index("## Targets") < report.index("## Notes")
+
+
 def test_report_rebuilds_from_csv_folders_alone(compared, tmp_path):
     """Delete every output and every non-CSV run file: the report command rebuilds the same summary."""
     folder, _ = compared
