@@ -387,14 +387,17 @@ def _check_same_experiment(saved: Dict[str, Any], exp: ExperimentConfig, out_dir
     current default, so that adding an option that is off by default keeps older runs resumable."""
     from .checkpoint import CheckpointError
 
-    now = json.loads(json.dumps(exp.to_dict(), default=str))
+    def plain(config: ExperimentConfig) -> Dict[str, Any]:  # as JSON reads it back, without ``threads``
+        d = json.loads(json.dumps(config.to_dict(), default=str))
+        d.pop("threads", None)
+        return d
+
+    now = plain(exp)
     saved = {k: v for k, v in saved.items() if k not in ("threads", "command")}
     try:  # fill in the defaults of fields added since; a config that no longer builds is compared as it is
-        saved = json.loads(json.dumps(ExperimentConfig.from_dict(saved).to_dict(), default=str))
-        saved.pop("threads", None)
+        saved = plain(ExperimentConfig.from_dict(saved))
     except ConfigError:
         pass
-    now.pop("threads", None)
     if saved != now:
         diffs = []
         for key in sorted(set(saved) | set(now)):

@@ -1,6 +1,7 @@
 """The plugins act in the right phase, and each works on its own with stock Avalanche strategies."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -286,8 +287,6 @@ def test_replay_min_steps_adds_epochs_and_few_steps_warn(mnist_small):
                                min_steps=FEW_REPLAY_STEPS, verbose=False)
     strategy = _naive(MLP(), [enough])
     strategy.train(mnist_small.train_stream[0])
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*optimiser steps.*")
         strategy.train(mnist_small.train_stream[1])

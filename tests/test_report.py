@@ -115,7 +115,7 @@ def test_summary_equals_numbers_recomputed_from_the_csvs(compared):
 
 def test_targets_equal_those_recomputed_from_the_summary(compared):
     """split_mnist's targets: >= 0.92, and above every baseline storing as many real images or more (all of
-    them: DR-CPSD stores none), Joint excepted; margins in accuracy points; hand-written notes.md is included."""
+    them: DR-CPSD stores none), Joint excepted; margins in accuracy points."""
     from avalanche_drcpsd.report import target_checks
 
     folder, _ = compared
@@ -151,14 +151,19 @@ def test_targets_equal_those_recomputed_from_the_summary(compared):
     assert "above er0 (0 real images)" not in {c["target"] for c in target_checks(rows[1:], "x", method="er200")}
 
 
-def test_report_includes_hand_written_notes(compared, tmp_path):
-    folder, _ = compared
-    copy = tmp_path / "split_mnist"
+def _copy_run_csvs(folder, copy):
+    """The CSV files of ``folder``'s runs alone, copied to ``copy`` (no summary, plot, report or grid)."""
     for path in folder.rglob("*.csv"):
         if "runs" in path.parts:
             dest = copy / path.relative_to(folder)
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(path.read_bytes())
+    return copy
+
+
+def test_report_includes_hand_written_notes(compared, tmp_path):
+    folder, _ = compared
+    copy = _copy_run_csvs(folder, tmp_path / "split_mnist")
     (copy / "notes.md").write_text("The generator forgets the oldest classes.\n")
     assert report_main([str(copy)]) == 0
     report = (copy / "report.md").read_text()
@@ -170,12 +175,7 @@ def test_report_rebuilds_from_csv_folders_alone(compared, tmp_path):
     """Delete every output and every non-CSV run file: the report command rebuilds the same summary."""
     folder, _ = compared
     before = (folder / "summary.csv").read_text()
-    copy = tmp_path / "copy"
-    for path in folder.rglob("*.csv"):
-        if "runs" in path.parts:
-            dest = copy / path.relative_to(folder)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(path.read_bytes())
+    copy = _copy_run_csvs(folder, tmp_path / "copy")
     assert report_main([str(copy)]) == 0
     assert (copy / "summary.csv").read_text() == before
     assert (copy / "accuracy.png").read_bytes()[:8] == PNG_MAGIC

@@ -156,7 +156,8 @@ class DreamReplayPlugin(SupervisedPlugin):
     @classmethod
     def from_config(cls, source: SyntheticSource, config, **kwargs) -> "DreamReplayPlugin":
         return cls(source, n_replay_per_class=config.n_replay_per_class, replay_epochs=config.replay_epochs,
-                   min_steps=config.replay_min_steps, batch_real=config.replay_batch_real, batch_syn=config.replay_batch_syn, kappa=config.kappa,
+                   min_steps=config.replay_min_steps, batch_real=config.replay_batch_real,
+                   batch_syn=config.replay_batch_syn, kappa=config.kappa,
                    kappa_schedule=config.kappa_schedule, pi=config.pi, student_init=config.student_init, ema_alpha=config.ema_alpha,
                    replay_lr=config.replay_lr, grad_clip=config.replay_grad_clip,
                    kd_weight=config.replay_kd_weight, kd_temperature=config.replay_kd_temperature, **kwargs)
