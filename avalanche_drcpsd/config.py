@@ -35,6 +35,10 @@ _CHOICES = {
     "distill_targets": ("split", "both"),
     "cpsd_order": ("after_generator", "before_generator"),
     "kappa_schedule": ("constant", "balanced"),
+    "generator_lr_schedule": ("constant", "cosine"),
+    "generator_replay_weighting": ("fraction", "balanced", "task"),
+    "generator_distill_source": ("pool", "fresh"),
+    "replay_draw": ("redraw", "once"),
 }
 
 
@@ -97,6 +101,27 @@ class DRCPSDConfig:
     #: *package*: share of each generator batch taken by old-class replay samples (when there are old classes);
     #: matching a teacher needs fewer samples than learning a class, so the new classes keep half the batch.
     generator_replay_fraction: float = 0.5
+    #: *package*: how each generator step splits its batch between the new classes' real images and the old
+    #: classes' replay: ``fraction`` (``generator_replay_fraction`` of one batch, whatever the class counts);
+    #: ``balanced`` (every seen class an equal share of one batch: |old|/|seen| of it is replay); ``task`` (a
+    #: replay batch as large as the real one, the terms weighted 1/(t+1) and (1 - 1/(t+1)) *
+    #: ``generator_distill_weight`` at experience t, the generative-distillation recipe as issue 13 describes it).
+    generator_replay_weighting: str = "fraction"
+    #: *package*: where the distilled old-class inputs come from: ``pool`` (the replay set drawn once at the
+    #: start of the experience, with the sampling settings) or ``fresh`` (the frozen teacher generates a new
+    #: batch at every step with ``generator_teacher_steps`` DDIM steps, eta 0, no guidance).
+    generator_distill_source: str = "pool"
+    generator_teacher_steps: int = 2
+    #: *package*: clip the generator's gradient norm at this value (None: no clipping).
+    generator_grad_clip: Optional[float] = None
+    #: *package*: learning-rate schedule of each generator phase: ``constant``, or ``cosine`` decay to 0 after
+    #: ``generator_warmup_steps`` linear warm-up steps.
+    generator_lr_schedule: str = "constant"
+    generator_warmup_steps: int = 0
+    #: *package*: exponential moving average of the generator's weights during each generator phase (diffusers'
+    #: ``EMAModel`` with warm-up; this is its largest decay; 0: off). At the end of the phase the averaged weights
+    #: replace the live ones: they are the weights sampled, saved, and used as the next experience's teacher.
+    generator_ema_decay: float = 0.0
     #: probability of replacing the condition by the empty prompt's embedding (classifier-free guidance).
     cond_dropout: float = 0.1
 
@@ -109,6 +134,11 @@ class DRCPSDConfig:
     #: *package*: directory of the synthetic-set cache (``<dir>/task_<k>/<class>/<idx>.png`` + ``manifest.json``,
     #: see :mod:`avalanche_drcpsd.synthetic_cache`); a replay set is reused when its manifest matches. None: off.
     synthetic_cache_dir: Optional[str] = None
+    #: *package*: ``redraw``: at every experience each old class's replay set is drawn again from the generator as
+    #: it now is; ``once``: a class's set is drawn once, at the start of the experience after it was learned (from
+    #: the generator as it was right after learning it), and kept for every later experience (the kept sets count
+    #: in the run's memory). The original CPSD code reloads one generated set per class at every task.
+    replay_draw: str = "redraw"
 
     # --- dream replay ---------------------------------------------------------------------------------
     n_replay_per_class: int = 6000
@@ -167,9 +197,9 @@ class DRCPSDConfig:
         for name in ("cpsd_epochs", "cpsd_batch_size", "num_train_timesteps", "generator_batch_size",
                      "sampling_steps", "sample_batch_size", "n_replay_per_class", "replay_epochs",
                      "replay_batch_real", "replay_batch_syn", "unet_layers_per_block", "unet_attention_head_dim",
-                     "patch_size"):
+                     "patch_size", "generator_teacher_steps"):
             _int_at_least(name, getattr(self, name), 1)
-        for name in ("generator_steps", "gap_samples_per_class", "replay_min_steps", "seed"):
+        for name in ("generator_steps", "gap_samples_per_class", "replay_min_steps", "seed", "generator_warmup_steps"):
             _int_at_least(name, getattr(self, name), 0)
         if self.seed >= 2 ** 32:
             raise ConfigError(f"seed={self.seed!r} must be < 2**32 (what numpy and torch accept as a seed)")
@@ -179,8 +209,12 @@ class DRCPSDConfig:
             _positive(name, getattr(self, name))
         if self.replay_lr is not None:
             _positive("replay_lr", self.replay_lr)
-        if self.replay_grad_clip is not None:
-            _positive("replay_grad_clip", self.replay_grad_clip)
+        for name in ("replay_grad_clip", "generator_grad_clip"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        d = _number("generator_ema_decay", self.generator_ema_decay)
+        if not 0.0 <= d < 1.0:
+            raise ConfigError(f"generator_ema_decay={d!r} must be in [0, 1) (0: no EMA)")
         for name in ("lambda_mmd", "generator_distill_weight", "kappa", "pi", "replay_kd_weight"):
             _non_negative(name, getattr(self, name))
         for name in ("cond_dropout",):

@@ -8,6 +8,8 @@ registers ``drcpsd-classifier`` with torch-fidelity: the penultimate features of
 as ``<dir>/extractor.safetensors`` + ``<dir>/extractor.json``.
 
 * :func:`train_feature_extractor`: train and save it (atomically).
+* :func:`classification_accuracy_score`: CAS (Ravuri & Vinyals, 2019), the accuracy on real test images of a
+  classifier trained on synthetic images alone, per class.
 * :func:`fid_kid`: :math:`FID = \\lVert\\mu_r-\\mu_s\\rVert^2 + Tr(\\Sigma_r+\\Sigma_s-2(\\Sigma_r\\Sigma_s)^{1/2})`
   (Heusel et al., 2017) and the unbiased polynomial-kernel KID (Binkowski et al., 2018), computed by
   torch-fidelity on those features.
@@ -28,7 +30,7 @@ from torch.utils.data import Dataset
 from .models import SmallCNN
 from .utils import atomic_write
 
-__all__ = ["EXTRACTOR_NAME", "train_feature_extractor", "fid_kid", "FidelityError"]
+__all__ = ["EXTRACTOR_NAME", "train_feature_extractor", "classification_accuracy_score", "fid_kid", "FidelityError"]
 
 EXTRACTOR_NAME = "drcpsd-classifier"
 _WEIGHTS, _SPEC = "extractor.safetensors", "extractor.json"
@@ -108,6 +110,20 @@ def train_feature_extractor(images: Tensor, labels: Tensor, directory: Union[str
         raise FidelityError(f"{len(images)} images and {len(labels)} labels; expected the same non-zero number")
     num_classes = int(num_classes or int(labels.max()) + 1)
     spec = {"num_classes": num_classes, "in_channels": int(images.shape[1]), "image_size": int(images.shape[2])}
+    model = _train_small_cnn(images, labels, spec, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(os.path.join(directory, _WEIGHTS), lambda tmp: save_file(state, tmp))
+    text = json.dumps(spec)
+    atomic_write(os.path.join(directory, _SPEC), lambda tmp: open(tmp, "w", encoding="utf-8").write(text))
+    return directory
+
+
+def _train_small_cnn(images: Tensor, labels: Tensor, spec: Dict[str, int], *, epochs: int, batch_size: int,
+                     lr: float, seed: int, classes: Optional[Tensor] = None) -> SmallCNN:
+    """A :class:`SmallCNN` of ``spec`` trained with SGD (momentum 0.9) on ``images``/``labels``; with ``classes``,
+    the cross-entropy runs over those classes' logits only."""
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -118,17 +134,42 @@ def train_feature_extractor(images: Tensor, labels: Tensor, directory: Union[str
         order = torch.randperm(len(images), generator=g)
         for start in range(0, len(images), batch_size):
             idx = order[start:start + batch_size]
-            loss = F.cross_entropy(model(images[idx].float()), labels[idx].long())
+            logits = model(images[idx].float())
+            target = labels[idx].long()
+            if classes is not None:
+                logits, target = logits[:, classes], torch.searchsorted(classes, target)
+            loss = F.cross_entropy(logits, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(os.path.join(directory, _WEIGHTS), lambda tmp: save_file(state, tmp))
-    text = json.dumps(spec)
-    atomic_write(os.path.join(directory, _SPEC), lambda tmp: open(tmp, "w", encoding="utf-8").write(text))
-    return directory
+    return model.eval()
+
+
+@torch.no_grad()
+def classification_accuracy_score(synthetic: Tensor, synthetic_labels: Tensor, real: Tensor, real_labels: Tensor, *,
+                                  epochs: int = 3, batch_size: int = 128, lr: float = 0.05,
+                                  seed: int = 0) -> Dict[int, float]:
+    """CAS per class: a :class:`SmallCNN` trained on the synthetic images alone (over the classes of
+    ``synthetic_labels``), then its accuracy on the real images of each of those classes (``{class: accuracy}``;
+    real images of other classes are ignored). Images in [0, 1], ``(N, C, S, S)``."""
+    for name, x, y in (("synthetic", synthetic, synthetic_labels), ("real", real, real_labels)):
+        if x.dim() != 4 or x.shape[2] != x.shape[3] or len(x) != len(y) or len(x) == 0:
+            raise FidelityError(f"{name} images of shape {tuple(x.shape)} with {len(y)} labels; expected "
+                                "(N >= 1, C, S, S) images and N labels")
+    if tuple(synthetic.shape[1:]) != tuple(real.shape[1:]):
+        raise FidelityError(f"synthetic images of shape {tuple(synthetic.shape[1:])} and real ones of "
+                            f"{tuple(real.shape[1:])}; expected the same (C, S, S)")
+    classes = synthetic_labels.long().unique()  # sorted
+    spec = {"num_classes": int(max(int(classes.max()), int(real_labels.max())) + 1),
+            "in_channels": int(synthetic.shape[1]), "image_size": int(synthetic.shape[2])}
+    with torch.enable_grad():
+        model = _train_small_cnn(synthetic, synthetic_labels, spec, epochs=epochs, batch_size=batch_size, lr=lr,
+                                 seed=seed, classes=classes)
+    keep = torch.isin(real_labels.long(), classes)
+    x, y = real[keep], real_labels[keep].long()
+    pred = torch.cat([classes[model(x[i:i + 1000].float())[:, classes].argmax(1)] for i in range(0, len(x), 1000)])
+    return {int(k): float((pred[y == k] == k).float().mean()) if bool((y == k).any()) else float("nan")
+            for k in classes.tolist()}
 
 
 class _Uint8Images(Dataset):

@@ -231,6 +231,16 @@ class DiffusionGenerator(nn.Module):
         """Images in [0, 1] for conditions ``cond`` ``(B, L, D)``, with classifier-free guidance against the
         null condition ``null`` ``(L, D)``. ``guidance_scale``: a number, or ``(low, high)`` for a scale drawn from
         U(low, high) per image. Conditional and unconditional predictions share one batched UNet call."""
+        return self.decode(self.sample_latents(cond, null, guidance_scale=guidance_scale,
+                                               num_inference_steps=num_inference_steps, sampler=sampler,
+                                               generator=generator))
+
+    @torch.no_grad()
+    def sample_latents(self, cond: Tensor, null: Tensor, *, guidance_scale: GuidanceScale = 2.0,
+                       num_inference_steps: int = 20, sampler: str = "dpm",
+                       generator: Optional[torch.Generator] = None) -> Tensor:
+        """:meth:`sample` without the final :meth:`decode`: clean samples in model space (what
+        :meth:`encode` makes of images), e.g. for generative distillation on fresh teacher samples."""
         device = self.alphas_cumprod.device
         b = cond.shape[0]
         scheduler = make_sampling_scheduler(sampler, self.noise_scheduler.config)
@@ -238,7 +248,7 @@ class DiffusionGenerator(nn.Module):
         w = draw_guidance_scales(guidance_scale, b, generator)
         z = torch.randn((b,) + self.spec.latent_shape, generator=generator).to(device)
         z = z * scheduler.init_noise_sigma
-        return self.decode(guided_denoise(self.predict_noise, scheduler, z, cond.to(device), null.to(device), w))
+        return guided_denoise(self.predict_noise, scheduler, z, cond.to(device), null.to(device), w)
 
     # ------------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:

@@ -81,6 +81,8 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         cache_dir = cache_dir if cache_dir is not None else self.config.synthetic_cache_dir
         self.cache: Optional[SyntheticCache] = SyntheticCache(cache_dir) if cache_dir is not None else None
         self._replay: Optional[Tuple[Tuple[int, ...], int, Tensor, Tensor]] = None
+        #: ``replay_draw="once"``: each old class's kept synthetic set (uint8 images, class id -> (N, C, H, W))
+        self.kept: Dict[int, Tensor] = {}
         self._exp = 0
         self._trainable: Optional[bool] = None
 
@@ -187,14 +189,32 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         written to the synthetic cache as task ``<experience>`` when there is one)."""
         key = (tuple(int(c) for c in classes), int(n_per_class))
         if self._replay is None or self._replay[:2] != key:
-            desc = f"exp {self._exp} generation"
-            with self.timer("generation", self._exp):
-                if self.cache is not None:
-                    x, y = self.sample_cached(key[0], key[1], task=self._exp, desc=desc)
-                else:
-                    x, y = self.sample(key[0], key[1], desc=desc)
+            if self.config.replay_draw == "once":
+                x, y = self._kept_sets(key[0], key[1])
+            else:
+                x, y = self._draw(key[0], key[1])
             self._replay = (key[0], key[1], x, y)
         return self._replay[2], self._replay[3]
+
+    def _draw(self, classes: Sequence[int], n_per_class: int) -> Tuple[Tensor, Tensor]:
+        """The generation phase: ``n_per_class`` images of each class, through the synthetic cache if any."""
+        desc = f"exp {self._exp} generation"
+        with self.timer("generation", self._exp):
+            if self.cache is not None:
+                return self.sample_cached(classes, n_per_class, task=self._exp, desc=desc)
+            return self.sample(classes, n_per_class, desc=desc)
+
+    def _kept_sets(self, classes: Sequence[int], n_per_class: int) -> Tuple[Tensor, Tensor]:
+        """``replay_draw="once"``: the classes without a kept set are drawn now (from the generator as it was when
+        they were learned: nothing has trained it since) and kept, as 8-bit images, for every later experience."""
+        missing = [k for k in classes if k not in self.kept or len(self.kept[k]) != n_per_class]
+        if missing:
+            x, y = self._draw(missing, n_per_class)
+            for k in missing:
+                self.kept[k] = (x[y == k].clamp(0, 1) * 255).round().to(torch.uint8)
+        x = torch.cat([self.kept[k].float() / 255 for k in classes])
+        y = torch.cat([torch.full((len(self.kept[k]),), k, dtype=torch.long) for k in classes])
+        return x, y
 
     def cache_settings(self, classes: Sequence[int], n_per_class: int, seed: int) -> Dict[str, Any]:
         """Everything that determines :meth:`sample`'s images, JSON-able: the synthetic cache's manifest settings
@@ -239,9 +259,20 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         self._replay = None
         if getattr(self.generator, "output_shape", ()) is None:  # a pretrained generator resumed before any class
             self.generator.set_output_shape(tuple(strategy.experience.dataset[0][0].shape))
+        self.begin_experience(self._exp)
+
+    def begin_experience(self, experience: int) -> None:
+        """The generation phase of experience ``experience`` (what ``before_training_exp`` runs, usable without a
+        strategy): the replay set of every learned class, unless the one held already covers them."""
+        self._exp = int(experience)
         old = self.learned_classes
         if old and self.generator is not None:
             self.sample_replay(old, self.config.n_replay_per_class)
+
+    @property
+    def replay_set(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """``(images, labels)`` of the replay set drawn for the current experience (None before any)."""
+        return None if self._replay is None else (self._replay[2], self._replay[3])
 
     def after_training_exp(self, strategy, **kwargs):
         x, y = dataset_tensors(strategy.experience.dataset.eval())
@@ -285,31 +316,36 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
                     self.buffer.add(cls, proj(tok.to(self.config.device).unsqueeze(0))[0], self.prompt(cls))
 
     def train_generator(self, images: Tensor, labels: Tensor, cond_new: Dict[int, Tensor]) -> None:
-        """``generator_steps`` AdamW steps on batches that mix the new classes' real images (LDM loss) and, with
-        share ``generator_replay_fraction``, the old classes' replay set (generative distillation against a frozen
-        copy of the generator as it was); each term is weighted by its share of the batch."""
+        """``generator_steps`` AdamW steps on batches of the new classes' real images (LDM loss) and, when there
+        are old classes, generative distillation against a frozen copy of the generator as it was: its noise
+        predictions on old-class inputs (the replay set, or fresh teacher samples with
+        ``generator_distill_source="fresh"``) under the old classes' embeddings. The batch split and the terms'
+        weights follow ``generator_replay_weighting`` (:meth:`replay_split`); gradient clipping, the learning-rate
+        schedule and the weight EMA follow their ``generator_*`` fields."""
         c = self.config
         gen = self.generator
         device = c.device
         old_classes = self.learned_classes
-        teacher = frozen_copy(gen) if (old_classes and self._replay is not None) else None
+        fresh = c.generator_distill_source == "fresh"
+        distill = bool(old_classes) and (fresh or self._replay is not None)
+        teacher = frozen_copy(gen) if distill else None
         new_ids = sorted(cond_new)
         emb_new = torch.stack([cond_new[k] for k in new_ids]).to(device)
         lookup_new = torch.full((int(labels.max()) + 1,), -1, dtype=torch.long)
         lookup_new[torch.tensor(new_ids)] = torch.arange(len(new_ids))
         null = self.buffer.null.to(device)
+        b_new, b_old, w_new, w_old = self.replay_split(len(new_ids), len(old_classes) if distill else 0)
         if teacher is not None:
-            x_old, y_old = self._replay[2], self._replay[3]
             emb_old = self.buffer.stack(old_classes).to(device)
             lookup_old = torch.full((max(old_classes) + 1,), -1, dtype=torch.long)
             lookup_old[torch.tensor(old_classes)] = torch.arange(len(old_classes))
-            b_old = round(c.generator_batch_size * c.generator_replay_fraction)
-            b_old = min(max(b_old, 1), c.generator_batch_size - 1)
-        else:
-            b_old = 0
-        b_new = c.generator_batch_size - b_old
+            if not fresh:
+                x_old, y_old = self._replay[2], self._replay[3]
         real_idx = torch.nonzero(lookup_new[labels] >= 0).flatten()
-        optimizer = torch.optim.AdamW(gen.unet.parameters(), lr=c.generator_lr, weight_decay=0.0)
+        params = list(gen.unet.parameters())
+        optimizer = torch.optim.AdamW(params, lr=c.generator_lr, weight_decay=0.0)
+        schedule = _lr_schedule(optimizer, c.generator_lr_schedule, c.generator_warmup_steps, c.generator_steps)
+        ema = _weight_ema(params, c.generator_ema_decay)
         gen.train()
         bar = tqdm(range(c.generator_steps), desc=f"exp {self._exp} generator", disable=not self.verbose, leave=False)
         for step in bar:
@@ -318,24 +354,63 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
             cond = self._drop(emb_new[lookup_new[labels[pick]].to(device)], null)
             z_t, noise, t = gen.noisy(gen.encode(x), self.rng)
             loss_new = ldm_loss(gen.predict_noise(z_t, t, cond), noise, gen.snr(t), c.snr_gamma)
-            loss = loss_new * (b_new / c.generator_batch_size)
+            loss = loss_new * w_new
             if teacher is not None:
-                pick = torch.randint(len(y_old), (b_old,), generator=self.rng)
-                cond_o = self._drop(emb_old[lookup_old[y_old[pick]].to(device)], null)
-                z_t, _, t = gen.noisy(gen.encode(x_old[pick].to(device)), self.rng)
+                if fresh:
+                    cls = torch.tensor(old_classes)[torch.randint(len(old_classes), (b_old,), generator=self.rng)]
+                    z0 = teacher.sample_latents(emb_old[lookup_old[cls]], null, guidance_scale=1.0,
+                                                num_inference_steps=c.generator_teacher_steps, sampler="ddim",
+                                                generator=self.rng)
+                else:
+                    pick = torch.randint(len(y_old), (b_old,), generator=self.rng)
+                    cls = y_old[pick]
+                    z0 = gen.encode(x_old[pick].to(device))
+                cond_o = self._drop(emb_old[lookup_old[cls].to(device)], null)
+                z_t, _, t = gen.noisy(z0, self.rng)
                 with torch.no_grad():
                     target = teacher.predict_noise(z_t, t, cond_o)
                 loss_gd = generative_distillation_loss(gen.predict_noise(z_t, t, cond_o), target)
-                loss = loss + c.generator_distill_weight * loss_gd * (b_old / c.generator_batch_size)
+                loss = loss + loss_gd * w_old
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite generator loss ({loss.item()}) at step {step} of experience "
                                          f"{self._exp}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if c.generator_grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, c.generator_grad_clip)
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            if ema is not None:
+                ema.step(params)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
+        if ema is not None:
+            ema.copy_to(params)  # the averaged weights are the generator from now on
         gen.eval()
+
+    def replay_split(self, n_new: int, n_old: int) -> Tuple[int, int, float, float]:
+        """``(b_new, b_old, w_new, w_old)``: real and replay images per generator step and the weights of the LDM
+        and the distillation terms, for ``n_new`` new and ``n_old`` old classes (``generator_replay_weighting``).
+
+        * ``fraction``: ``b_old = round(B * generator_replay_fraction)``, each term weighted by its batch share;
+        * ``balanced``: the same with the fraction ``n_old / (n_new + n_old)``: every seen class an equal share;
+        * ``task``: ``b_new = b_old = B``, weights :math:`1/(t+1)` and :math:`(1 - 1/(t+1))` at experience
+          :math:`t` (the experience index).
+
+        The distillation weight is multiplied by ``generator_distill_weight``."""
+        c = self.config
+        batch = c.generator_batch_size
+        if n_old == 0:
+            return batch, 0, 1.0, 0.0
+        if c.generator_replay_weighting == "task":
+            w = 1.0 / (self._exp + 1)
+            return batch, batch, w, (1.0 - w) * c.generator_distill_weight
+        fraction = (c.generator_replay_fraction if c.generator_replay_weighting == "fraction"
+                    else n_old / (n_new + n_old))
+        b_old = min(max(round(batch * fraction), 1), batch - 1)
+        b_new = batch - b_old
+        return b_new, b_old, b_new / batch, c.generator_distill_weight * b_old / batch
 
     def _drop(self, cond: Tensor, null: Tensor) -> Tensor:
         """Classifier-free guidance training: replace each condition by the null one with p = cond_dropout."""
@@ -344,3 +419,23 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
             return cond
         mask = (torch.rand(cond.shape[0], generator=self.rng) < p).to(cond.device).view(-1, 1, 1)
         return torch.where(mask, null.expand_as(cond), cond)
+
+
+def _lr_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup: int, steps: int):
+    """diffusers' ``get_scheduler`` for the generator phase (None: a constant rate with no warm-up)."""
+    from diffusers.optimization import get_scheduler
+
+    if kind == "constant" and warmup == 0:
+        return None
+    name = "cosine" if kind == "cosine" else "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(steps, 1))
+
+
+def _weight_ema(params: Sequence[torch.nn.Parameter], decay: float):
+    """diffusers' ``EMAModel`` over ``params`` with warm-up (decay ``1 - (1 + step)^(-2/3)``, capped at ``decay``);
+    None when ``decay`` is 0."""
+    if decay <= 0:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)

@@ -1,0 +1,214 @@
+"""The generator alone, trained continually over a benchmark's experiences: how well it keeps every class.
+
+    python benchmarks/generator_quality.py --benchmark split_mnist --variants profile,ema,once --threads 2
+    python benchmarks/generator_quality.py --benchmark split_mnist --variants profile --iid
+
+No classifier is trained. Per experience, :class:`~avalanche_drcpsd.CPSDGeneratorPlugin` (the library's own
+plugin, configured as the profile ``experiments/<benchmark>_<profile>.json``'s ``drcpsd`` block plus the
+variant's fields from ``benchmarks/generator_variants.json``) runs its phases exactly as inside ``DRCPSD``:
+generation of the old classes' replay set, the generator phase, the CPSD phase. Then the replay set that the
+next experience would use (every class seen so far) is drawn and measured:
+
+* **CAS** per class (Ravuri & Vinyals, 2019): a small CNN trained on those synthetic images alone, its accuracy
+  on each class's real test images (:func:`avalanche_drcpsd.fidelity.classification_accuracy_score`);
+* **FID/KID** against the seen classes' real test images, in the features of the benchmark's own extractor
+  (trained once on its whole training set, as ``drcpsd-compare`` does);
+* the wall time of each phase (generator, CPSD, generation), from the plugin's phase timer.
+
+``--iid`` is the bound without forgetting: one experience holding every class, with the generator steps of all
+experiences together (the same budget).
+
+Writes ``<out>/<benchmark>/<variant>.csv`` (one row per experience and class), ``<variant>_cas.png`` (CAS per
+class per experience), ``<variant>_samples_exp<k>.png`` (sample grids) and upserts one row per
+(benchmark, variant) into ``<out>/ablation.csv``: final mean and min CAS over all classes, FID, generator
+seconds (generator + CPSD + generation phases, without the final measuring draw). A variant whose CSV exists is
+not rerun (delete it to rerun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import sys
+import time
+from typing import Any, Dict, List
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from avalanche_drcpsd.compare import ensure_feature_extractor, profile_config  # noqa: E402
+from avalanche_drcpsd.data import make_benchmark  # noqa: E402
+from avalanche_drcpsd.fidelity import classification_accuracy_score, fid_kid  # noqa: E402
+from avalanche_drcpsd.plugins.generator import CPSDGeneratorPlugin  # noqa: E402
+from avalanche_drcpsd.run import _image_grid  # noqa: E402
+from avalanche_drcpsd.utils import atomic_write, atomic_write_csv, atomic_write_text, dataset_tensors  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VARIANTS_FILE = os.path.join(HERE, "generator_variants.json")
+GENERATOR_PHASES = ("generator", "cpsd", "generation")
+ABLATION_COLUMNS = ("benchmark", "variant", "iid", "experiences", "final_mean_cas", "min_cas", "min_cas_class",
+                    "fid", "kid", "generator_seconds", "threads", "overrides")
+
+
+def load_variants(path: str = VARIANTS_FILE) -> Dict[str, Dict[str, Any]]:
+    with open(path, "r", encoding="utf-8") as fh:
+        return {k: v for k, v in json.load(fh).items() if not k.startswith("_")}
+
+
+def _streams(benchmark, iid: bool):
+    """``[(images, labels)]`` per training experience (one holding all of them with ``iid``), and the test set."""
+    train = [dataset_tensors(e.dataset.eval()) for e in benchmark.train_stream]
+    test = [dataset_tensors(e.dataset.eval()) for e in benchmark.test_stream]
+    if iid:
+        train = [(torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]))]
+    return train, (torch.cat([x for x, _ in test]), torch.cat([y for _, y in test]))
+
+
+def run_variant(benchmark_name: str, variant: str, overrides: Dict[str, Any], *, profile: str, data_root: str,
+                out: str, iid: bool, threads: int, cas_epochs: int, seed: int, verbose: bool = True) -> Dict[str, Any]:
+    exp = profile_config(benchmark_name, profile, data_root, experiments=os.path.join(HERE, "..", "experiments"))
+    n_exp = exp.benchmark_args.get("n_experiences", 5)
+    config = exp.drcpsd.replace(**overrides, seed=seed)
+    benchmark = make_benchmark(exp.benchmark, exp.data_root, seed=seed, **exp.benchmark_args)
+    train, (x_test, y_test) = _streams(benchmark, iid)
+    if iid:
+        config = config.replace(generator_steps=config.generator_steps * len(benchmark.train_stream))
+    extractor = ensure_feature_extractor(exp, os.path.join(out, benchmark_name, "feature_extractor"))
+    plugin = CPSDGeneratorPlugin(config, class_names=benchmark.class_names, verbose=verbose)
+    name = variant + ("_iid" if iid else "")
+    folder = os.path.join(out, benchmark_name)
+    os.makedirs(folder, exist_ok=True)
+    rows: List[Dict[str, Any]] = []
+    seen: List[int] = []
+    for e, (x, y) in enumerate(train):
+        if e > 0:
+            plugin.begin_experience(e)  # the replay set was drawn while measuring (below): this keeps it
+        t0 = time.perf_counter()
+        plugin.learn_classes(x, y)
+        seen = sorted(set(seen) | set(int(c) for c in y.unique().tolist()))
+        plugin.begin_experience(e + 1)  # the next experience's generation phase: the replay set of every seen class
+        xs, ys = plugin.replay_set
+        learn_s = time.perf_counter() - t0
+        cas = classification_accuracy_score(xs, ys, x_test, y_test, epochs=cas_epochs, seed=seed)
+        real = x_test[torch.isin(y_test, torch.tensor(seen))]
+        fk = fid_kid(real, xs, extractor)
+        phase = {p: plugin.timer.seconds.get((e, p), 0.0) for p in ("generator", "cpsd")}
+        phase["generation"] = plugin.timer.seconds.get((e + 1, "generation"), 0.0)
+        for k in seen:
+            rows.append({"benchmark": benchmark_name, "variant": name, "experience": e, "class": k,
+                         "cas": round(cas[k], 4), "fid": round(fk["fid"], 3), "kid": round(fk["kid_mean"], 5),
+                         **{f"{p}_s": round(v, 1) for p, v in phase.items()}, "wall_s": round(learn_s, 1)})
+        atomic_write_csv(os.path.join(folder, f"{name}.partial.csv"), rows)
+        grid = _image_grid(xs, ys, per_class=8)
+        atomic_write(os.path.join(folder, f"{name}_samples_exp{e}.png"), lambda tmp: grid.save(tmp, format="PNG"))
+        mean = sum(cas.values()) / len(cas)
+        print(f"[{name}] exp {e}: mean CAS {mean:.3f}, min {min(cas.values()):.3f}, FID {fk['fid']:.1f}, "
+              + ", ".join(f"{p} {v:.0f}s" for p, v in phase.items()), flush=True)
+    atomic_write_csv(os.path.join(folder, f"{name}.csv"), rows)
+    os.remove(os.path.join(folder, f"{name}.partial.csv"))
+    _heat_map(rows, os.path.join(folder, f"{name}_cas.png"), title=f"{benchmark_name} / {name}: CAS per class")
+    last = [r for r in rows if r["experience"] == rows[-1]["experience"]]
+    final_generation = last[0]["generation_s"]  # the measuring draw after the last experience: not a phase of DR-CPSD
+    seconds = sum(r["generator_s"] + r["cpsd_s"] + r["generation_s"] for r in rows
+                  if r["class"] == seen[0]) - final_generation
+    worst = min(last, key=lambda r: r["cas"])
+    return {"benchmark": benchmark_name, "variant": name, "iid": iid, "experiences": len(train),
+            "final_mean_cas": round(sum(r["cas"] for r in last) / len(last), 4), "min_cas": worst["cas"],
+            "min_cas_class": worst["class"], "fid": last[0]["fid"], "kid": last[0]["kid"],
+            "generator_seconds": round(seconds, 1), "threads": threads,
+            "overrides": json.dumps(overrides, sort_keys=True)}
+
+
+def _heat_map(rows: List[Dict[str, Any]], path: str, *, title: str) -> None:
+    exps = sorted({r["experience"] for r in rows})
+    classes = sorted({r["class"] for r in rows})
+    grid = np.full((len(classes), len(exps)), np.nan)
+    for r in rows:
+        grid[classes.index(r["class"]), exps.index(r["experience"])] = r["cas"]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(exps), 1.0 + 0.32 * len(classes)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for i in range(len(classes)):
+        for j in range(len(exps)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if grid[i, j] > 0.6 else "white")
+    ax.set_xticks(range(len(exps)), [str(e) for e in exps])
+    ax.set_yticks(range(len(classes)), [str(c) for c in classes])
+    ax.set_xlabel("after experience")
+    ax.set_ylabel("class")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def upsert_ablation(path: str, row: Dict[str, Any]) -> None:
+    rows = []
+    if os.path.isfile(path):
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = [r for r in csv.DictReader(fh) if (r["benchmark"], r["variant"]) != (row["benchmark"], row["variant"])]
+    rows.append({k: row[k] for k in ABLATION_COLUMNS})
+    rows.sort(key=lambda r: (r["benchmark"], r["variant"]))
+    atomic_write_csv(path, rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--benchmark", default="split_mnist")
+    parser.add_argument("--variants", default="profile", help="comma-separated names of generator_variants.json")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="an extra DRCPSDConfig field for every variant (the variant is named with it)")
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--out", default="results/generator")
+    parser.add_argument("--iid", action="store_true", help="one experience with every class, the same total steps")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cas-epochs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (one line per experience)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    variants = load_variants()
+    extra: Dict[str, Any] = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--set {item!r}: expected FIELD=JSON, e.g. generator_steps=300")
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in variants]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; expected some of {sorted(variants)}")
+    os.makedirs(args.out, exist_ok=True)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    log = os.path.join(args.out, "command.txt")
+    lines = open(log).read().splitlines() if os.path.isfile(log) else []
+    if command not in lines:
+        atomic_write_text(log, "\n".join(lines + [command]) + "\n")
+    for v in names:
+        overrides = {**variants[v], **extra}
+        label = v + "".join(f"+{item}" for item in sorted(args.set))
+        target = os.path.join(args.out, args.benchmark, label + ("_iid" if args.iid else "") + ".csv")
+        if os.path.isfile(target):
+            print(f"[{label}] done already ({target}); delete it to rerun")
+            continue
+        row = run_variant(args.benchmark, label, overrides, profile=args.profile, data_root=args.data_root,
+                          out=args.out, iid=args.iid, threads=args.threads, cas_epochs=args.cas_epochs,
+                          seed=args.seed, verbose=not args.quiet)
+        upsert_ablation(os.path.join(args.out, "ablation.csv"), row)
+        print(f"[{row['variant']}] final mean CAS {row['final_mean_cas']}, min {row['min_cas']} (class "
+              f"{row['min_cas_class']}), FID {row['fid']}, generator {row['generator_seconds']} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
