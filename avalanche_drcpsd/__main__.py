@@ -1,4 +1,5 @@
-"""``python -m avalanche_drcpsd``: the main job (see :mod:`avalanche_drcpsd.run`)."""
+"""``python -m avalanche_drcpsd``: the main job, DR-CPSD then Naive and ER200 on the embedded data with one
+table of the three (or, with ``--config``/``--strategy``, one run; see :mod:`avalanche_drcpsd.run`)."""
 import sys
 
 from .run import main

@@ -20,12 +20,12 @@ name              method                                                        
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["BASELINES", "STRATEGIES", "make_baseline", "stored_real_images", "generator_parameters", "is_joint",
-           "names"]
+__all__ = ["BASELINES", "STRATEGIES", "make_baseline", "stored_real_images", "generator_parameters", "memory_bytes",
+           "memory_info", "MEMORY_PARTS", "is_joint", "names"]
 
 
 def _naive(common, spec):
@@ -125,6 +125,104 @@ def generator_parameters(strategy: Any) -> int:
     if model is None and hasattr(strategy, "generator_strategy"):  # Avalanche GenerativeReplay
         model = strategy.generator_strategy.model
     return int(sum(p.numel() for p in model.parameters())) if isinstance(model, torch.nn.Module) else 0
+
+
+#: the parts of :func:`memory_bytes`, in the order of its breakdown (``total`` follows them)
+MEMORY_PARTS = ("real_images", "generator", "embeddings", "synthetic", "teacher")
+
+
+def memory_bytes(strategy: Any, name: str, image_shape: Sequence[int],
+                 n_train_images: Optional[int] = None) -> Dict[str, int]:
+    """Bytes a strategy keeps from one experience to the next beyond the classifier every strategy has, measured
+    on ``strategy`` as it stands (call it after the last experience).
+
+    Returns one entry per :data:`MEMORY_PARTS` and their sum, ``total``:
+
+    * ``real_images``: stored real training images at one byte per value (uint8, the images' native storage):
+      images x C*H*W of ``image_shape``. The images are counted in the strategy's replay buffers (``ER``'s,
+      GDumb's, rehearsal+KD's ``storage_policy``); a strategy without a buffer keeps
+      :func:`stored_real_images` of ``n_train_images`` (Joint: all; the others: none);
+    * ``generator``: the weights (parameters and buffers, at their element size) of the generative model kept
+      instead of images: DR-CPSD's ``strategy.generator``, GenerativeReplay's VAE;
+    * ``embeddings``: DR-CPSD's CPSD embedding buffer, every class's projected embedding plus the null one;
+    * ``synthetic``: DR-CPSD's kept synthetic sets (``generator_plugin.kept``, class -> uint8 images; empty
+      unless the replay sets are drawn once);
+    * ``teacher``: a copy of a previous classifier kept for distillation (parameters and buffers): LwF's and
+      rehearsal+KD's previous model and DR-CPSD's old teacher (the classifier after the previous experience,
+      which its replay distils; absent after a single experience).
+
+    Working copies a strategy makes only within an experience are not counted: DR-CPSD's new teacher and the
+    previous generator of its generative distillation, GenerativeReplay's copies of its VAE and classifier that
+    draw and label the replay of the next experience. Nor is DR-CPSD's frozen text encoder, which encodes the
+    prompts of new classes only (an old class lives in the embedding buffer)."""
+    shape = tuple(int(d) for d in image_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"image_shape={image_shape!r}; expected (C, H, W) of positive integers")
+    images = _buffered_images(strategy)
+    if images is None:  # no replay buffer: what the strategy keeps by definition
+        images = stored_real_images(name, n_train_images) if n_train_images is not None else 0
+    parts = {
+        "real_images": int(images) * shape[0] * shape[1] * shape[2],
+        "generator": _module_bytes(_generator_module(strategy)),
+        "embeddings": _embedding_bytes(strategy),
+        "synthetic": _tensor_bytes(getattr(getattr(strategy, "generator_plugin", None), "kept", {}).values()),
+        "teacher": _module_bytes(_teacher_module(strategy)),
+    }
+    parts["total"] = sum(parts[k] for k in MEMORY_PARTS)
+    return parts
+
+
+def memory_info(parts: Dict[str, int]) -> Dict[str, int]:
+    """:func:`memory_bytes`'s breakdown as ``run_info.csv`` keys: ``memory_bytes`` (the total), then
+    ``memory_<part>_bytes`` for each part."""
+    return {"memory_bytes": int(parts["total"]), **{f"memory_{k}_bytes": int(parts[k]) for k in MEMORY_PARTS}}
+
+
+def _tensor_bytes(tensors: Iterable[Any]) -> int:
+    return int(sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)))
+
+
+def _module_bytes(module: Any) -> int:
+    """Parameters and buffers of ``module`` at their element size (0 for anything that is not a module)."""
+    if not isinstance(module, torch.nn.Module):
+        return 0
+    return _tensor_bytes(module.parameters()) + _tensor_bytes(module.buffers())
+
+
+def _generator_module(strategy: Any) -> Any:
+    model = getattr(strategy, "generator", None)  # DRCPSD
+    if model is None and hasattr(strategy, "generator_strategy"):  # Avalanche GenerativeReplay
+        model = strategy.generator_strategy.model
+    return model
+
+
+def _embedding_bytes(strategy: Any) -> int:
+    buffer = getattr(getattr(strategy, "generator_plugin", None), "buffer", None)
+    if buffer is None:
+        return 0
+    return _tensor_bytes(list(getattr(buffer, "embeddings", {}).values()) + [getattr(buffer, "null", None)])
+
+
+def _plugins(strategy: Any) -> list:
+    return list(getattr(strategy, "plugins", None) or [])
+
+
+def _buffered_images(strategy: Any) -> Optional[int]:
+    """Images in the strategy's replay buffers (Avalanche ``storage_policy.buffer``), None without any."""
+    counts = [len(p.storage_policy.buffer) for p in _plugins(strategy)
+              if getattr(getattr(p, "storage_policy", None), "buffer", None) is not None]
+    return sum(counts) if counts else None
+
+
+def _teacher_module(strategy: Any) -> Any:
+    distill = getattr(strategy, "distill_plugin", None)  # DRCPSD: the old teacher
+    if distill is not None:
+        return getattr(distill, "old_teacher", None)
+    for plugin in _plugins(strategy):  # Avalanche LwFPlugin (LwF, rehearsal+KD): the previous model
+        previous = getattr(getattr(plugin, "lwf", None), "prev_model", None)
+        if previous is not None:
+            return previous
+    return None
 
 
 def is_joint(name: str) -> bool:

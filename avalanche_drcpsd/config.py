@@ -137,7 +137,7 @@ class DRCPSDConfig:
     #: *package*: ``redraw``: at every experience each old class's replay set is drawn again from the generator as
     #: it now is; ``once``: a class's set is drawn once, at the start of the experience after it was learned (from
     #: the generator as it was right after learning it), and kept for every later experience (the kept sets count
-    #: in the run's memory). The original CPSD code reloads one generated set per class at every task.
+    #: in the run's memory).
     replay_draw: str = "redraw"
 
     # --- dream replay ---------------------------------------------------------------------------------

@@ -6,9 +6,13 @@ reads every run under ``<folder>/runs/<strategy>/seed<k>/logs/`` (Avalanche ``CS
 ``eval_results.csv``, this package's ``metrics.csv`` and ``run_info.csv``) and writes, atomically:
 
 * ``summary.csv``: per strategy, mean and std over seeds of the final average accuracy, the final stream
-  accuracy, the average forgetting and the wall time, with the stored real images and generator parameters;
+  accuracy, the average forgetting and the wall time, with the stored real images, generator parameters and
+  ``memory_bytes`` (what the strategy keeps from one experience to the next beyond the classifier,
+  :func:`avalanche_drcpsd.baselines.memory_bytes`; empty for runs whose ``run_info.csv`` predates it);
 * ``accuracy.png``: average accuracy on the experiences seen so far after each experience, per strategy (mean
   over seeds, min-max band);
+* ``accuracy_memory.png``: final average accuracy (mean over seeds, std error bar) against ``memory_bytes``
+  (log axis; the strategies that keep nothing at 0), one point per strategy with a known memory;
 * ``accuracy_matrix.png``: per strategy, the seed-mean accuracy on experience *j* after training on *i*;
 * ``mmd_gap.png``: the real-vs-synthetic gap (mean over the learned classes) after each experience, for the
   strategies that publish it;
@@ -45,7 +49,8 @@ from .baselines import STRATEGIES, is_joint
 from .data import SPLIT_BENCHMARKS
 from .utils import atomic_write, atomic_write_csv, atomic_write_text
 
-__all__ = ["RunLogs", "load_run", "find_runs", "summarise", "target_checks", "build_report", "main", "TARGETS"]
+__all__ = ["RunLogs", "load_run", "find_runs", "summarise", "target_checks", "build_report", "plot_accuracy",
+           "plot_accuracy_memory", "main", "TARGETS"]
 
 STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
 MMD_PREFIX = "RealSynMMD/eval_phase/test_stream/Class"
@@ -193,8 +198,25 @@ def summarise(runs: Dict[str, List[RunLogs]]) -> List[Dict[str, object]]:
             row["fid_after_experiences"] = fid_exp
         row["stored_real_images"] = int(float(rs[0].info.get("stored_real_images", 0)))
         row["generator_parameters"] = int(float(rs[0].info.get("generator_parameters", 0)))
+        row["memory_bytes"] = _memory_bytes(rs)
         rows.append(row)
     return sorted(rows, key=lambda r: -float(r["final_average_accuracy_mean"]))
+
+
+def _memory_bytes(runs: Sequence[RunLogs]):
+    """The seeds' ``memory_bytes`` (their mean, rounded: a buffer's fill may differ by seed), or ``""`` when no
+    ``run_info.csv`` of them has it (a run written before the column existed)."""
+    values = []
+    for r in runs:
+        text = r.info.get("memory_bytes", "")
+        try:
+            values.append(float(text))
+        except ValueError:
+            if text.strip():
+                raise ReportError(f"run {r.strategy}/seed{r.seed}: memory_bytes={text!r} in run_info.csv is not a "
+                                  "number") from None
+    values = [v for v in values if math.isfinite(v)]
+    return int(round(float(np.mean(values)))) if values else ""
 
 
 def target_checks(rows: Sequence[Dict[str, object]], benchmark: str, method: str = METHOD) -> List[Dict[str, object]]:
@@ -246,13 +268,19 @@ def _save_png(fig, path: str) -> None:
     plt.close(fig)
 
 
-def _plots(runs: Dict[str, List[RunLogs]], out: str) -> List[str]:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    return plt
+
+
+def plot_accuracy(runs: Dict[str, List[RunLogs]], path: str) -> None:
+    """Average accuracy on the experiences seen so far after each experience, per strategy (mean over seeds,
+    min-max band; Joint, evaluated once, as a dashed level), written to ``path`` (PNG)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     n_exp = max(r.matrix.shape[1] for rs in runs.values() for r in rs)
     for strategy, rs in runs.items():
@@ -279,8 +307,52 @@ def _plots(runs: Dict[str, List[RunLogs]], out: str) -> List[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save_png(fig, os.path.join(out, "accuracy.png"))
+    _save_png(fig, path)
+
+
+def plot_accuracy_memory(rows: Sequence[Dict[str, object]], path: str) -> bool:
+    """Final average accuracy (mean over seeds, std as error bar) against ``memory_bytes`` on a log axis, one
+    point per :func:`summarise` row with the strategy's usual colour, written to ``path`` (PNG). A strategy that
+    keeps nothing (0 bytes) sits at 0, left of a linear stretch of one decade (matplotlib's ``symlog``); rows
+    without a memory (old ``run_info.csv``) are left out. Returns False, writing nothing, when no row has one."""
+    points = [r for r in rows if r.get("memory_bytes", "") != ""]
+    if not points:
+        return False
+    plt = _pyplot()
+    memory = [int(r["memory_bytes"]) for r in points]
+    positive = [m for m in memory if m > 0]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r, m in zip(points, memory):
+        strategy = str(r["strategy"])
+        ax.errorbar([m], [float(r["final_average_accuracy_mean"])], yerr=[float(r["final_average_accuracy_std"])],
+                    fmt="s" if is_joint(strategy) else "o", capsize=3, color=_color(strategy), label=strategy)
+        ax.annotate(strategy, (m, float(r["final_average_accuracy_mean"])), textcoords="offset points",
+                    xytext=(5, 4), fontsize=7)
+    if min(memory) == 0:  # 0 has no logarithm: a linear decade below the smallest positive value holds it
+        floor = 10.0 ** (math.floor(math.log10(min(positive))) - 1) if positive else 1.0
+        ax.set_xscale("symlog", linthresh=floor, linscale=1.0)
+        ax.set_xlim(left=-floor * 0.3)
+    else:
+        ax.set_xscale("log")
+    ax.set_xlabel("memory kept between experiences beyond the classifier (bytes)")
+    ax.set_ylabel("final average accuracy")
+    ax.set_ylim(0, 1.05)  # room for the label of a point near 1
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_png(fig, path)
+    return True
+
+
+def _plots(runs: Dict[str, List[RunLogs]], out: str, rows: Sequence[Dict[str, object]]) -> List[str]:
+    plt = _pyplot()
+    written = []
+    plot_accuracy(runs, os.path.join(out, "accuracy.png"))
     written.append("accuracy.png")
+    if plot_accuracy_memory(rows, os.path.join(out, "accuracy_memory.png")):
+        written.append("accuracy_memory.png")
+    elif os.path.exists(os.path.join(out, "accuracy_memory.png")):  # from runs since removed
+        os.remove(os.path.join(out, "accuracy_memory.png"))
 
     n = len(runs)
     cols = min(4, n)
@@ -333,7 +405,7 @@ def build_report(folder: str, title: Optional[str] = None) -> List[Dict[str, obj
     rows = summarise(runs)
 
     atomic_write_csv(os.path.join(folder, "summary.csv"), rows)  # FID/KID columns exist for DR-CPSD only
-    plots = _plots(runs, folder)
+    plots = _plots(runs, folder, rows)
 
     command = os.path.join(folder, "command.txt")
     lines = [f"# {title or os.path.basename(os.path.normpath(folder))}", ""]
@@ -341,15 +413,15 @@ def build_report(folder: str, title: Optional[str] = None) -> List[Dict[str, obj
         lines += ["Produced by", "", "```", open(command, encoding="utf-8").read().strip(), "```", ""]
     lines += ["Rebuilt from the CSV folders by `python -m avalanche_drcpsd.report " + folder + "`.", "",
               "| strategy | seeds | final average accuracy | final stream accuracy | average forgetting | "
-              "wall time (s) | stored real images | generator parameters |",
-              "|---|---|---|---|---|---|---|---|"]
+              "wall time (s) | stored real images | generator parameters | memory (bytes) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['strategy']} | {r['seeds']} | {r['final_average_accuracy_mean']:.4f} ± "
             f"{r['final_average_accuracy_std']:.4f} | {r['final_stream_accuracy_mean']:.4f} ± "
             f"{r['final_stream_accuracy_std']:.4f} | {r['average_forgetting_mean']:.4f} ± "
             f"{r['average_forgetting_std']:.4f} | {r['wall_time_s_mean']:.0f} ± {r['wall_time_s_std']:.0f} | "
-            f"{r['stored_real_images']} | {r['generator_parameters']} |")
+            f"{r['stored_real_images']} | {r['generator_parameters']} | {_cell(r['memory_bytes'])} |")
     fid_rows = [r for r in rows if "final_fid_mean" in r]
     if fid_rows:
         lines += ["", "| strategy | after experiences learned | FID | KID |", "|---|---|---|---|"]
@@ -359,7 +431,10 @@ def build_report(folder: str, title: Optional[str] = None) -> List[Dict[str, obj
         lines += ["", "FID/KID: real test images of the learned classes against as many synthetic samples per class, "
                   "features of the project's extractor trained on the benchmark (`feature_extractor/`)."]
     lines += ["", "Final average accuracy: mean over experiences of the accuracy on each after the last one; "
-              "stream accuracy: all test images pooled; ± is the standard deviation over seeds.", ""]
+              "stream accuracy: all test images pooled; ± is the standard deviation over seeds. Memory: the bytes "
+              "a strategy keeps from one experience to the next beyond the classifier (stored real images at one "
+              "byte per value, generator weights, CPSD embeddings, kept synthetic sets, teacher copies; "
+              "`memory_*_bytes` in each run's `run_info.csv`), n/a for runs recorded before it was measured.", ""]
     name = os.path.basename(os.path.normpath(folder))
     checks = target_checks(rows, name)
     if checks:
@@ -391,6 +466,10 @@ def build_report(folder: str, title: Optional[str] = None) -> List[Dict[str, obj
                 lines += [f"![{g}]({rel}/{g})" for g in grids] + [""]
     atomic_write_text(os.path.join(folder, "report.md"), "\n".join(lines))
     return rows
+
+
+def _cell(value: object) -> str:
+    return "n/a" if value == "" else str(value)
 
 
 INDEX_BEGIN = "<!-- comparison table: begin (written by python -m avalanche_drcpsd.report --index {root}) -->"

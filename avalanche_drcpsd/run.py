@@ -1,10 +1,14 @@
 """Run one continual-learning experiment: ``python -m avalanche_drcpsd`` or ``drcpsd-run``.
 
-With no argument it runs the *main job*: DR-CPSD on the embedded default data set (a small real MNIST subset
-shipped in the package, so no data root and no download) with the CPU profile ``experiments/default.json``'s
-values built in. ``--config FILE`` reads an experiment JSON (see ``experiments/``).
+With no ``--config`` and no ``--strategy`` it runs the *main job* (:func:`run_main_job`): on the embedded default
+data set (a small real MNIST subset shipped in the package, so no data root and no download) and one recipe
+(:func:`default_experiment`, the CPU profile's values built in), DR-CPSD, then Naive and ER200 (``--strategies``),
+each into ``<out>/<strategy>/``, then a table of the three, ``<out>/summary.csv``, ``<out>/accuracy.png`` and
+``<out>/accuracy_memory.png`` (default ``--out``: ``runs/<benchmark>-main-seed<seed>``). A finished sub-run (its
+``logs/run_info.csv`` exists) is reused; ``--resume`` continues a killed DR-CPSD sub-run from its checkpoint.
 
-Outputs in ``--out`` (default ``runs/<benchmark>-<strategy>-seed<seed>``):
+``--config FILE`` reads an experiment JSON (see ``experiments/``) and, like ``--strategy``, runs that one
+experiment. Outputs of one run in ``--out`` (default ``runs/<benchmark>-<strategy>-seed<seed>``):
 ``logs/`` (Avalanche ``CSVLogger`` files + ``metrics.csv`` with every metric, the MMD gap and phase times),
 ``state/`` (classifier, generator, embedding buffer after each experience), ``samples_exp<k>.png`` (a grid
 of synthetic images per learned class), and ``summary.json``. While a DR-CPSD run is in progress, ``checkpoint/``
@@ -28,15 +32,21 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .baselines import STRATEGIES, generator_parameters, is_joint, make_baseline, stored_real_images
+from .baselines import (STRATEGIES, generator_parameters, is_joint, make_baseline, memory_bytes, memory_info,
+                        stored_real_images)
 from .config import ConfigError, DRCPSDConfig
 from .data import BENCHMARKS
 from .utils import atomic_write, atomic_write_csv, atomic_write_text
 
-__all__ = ["ExperimentConfig", "run_experiment", "main", "RUN_INFO"]
+__all__ = ["ExperimentConfig", "run_experiment", "run_main_job", "format_main_job_table", "main", "RUN_INFO",
+           "MAIN_JOB_STRATEGIES", "MAIN_JOB_COLUMNS"]
 
 #: the run's facts that Avalanche's CSV files do not hold, written as ``logs/run_info.csv`` (``key,value``)
 RUN_INFO = "run_info.csv"
+#: the main job's strategies (``--strategies``), in the order they run: the method, its lower bound, rehearsal
+MAIN_JOB_STRATEGIES = ("drcpsd", "naive", "er200")
+#: the columns of the main job's ``summary.csv`` (one row per strategy)
+MAIN_JOB_COLUMNS = ("strategy", "final_average_accuracy", "stored_real_images", "memory_bytes", "wall_time_s")
 
 
 @dataclass
@@ -180,7 +190,8 @@ def _check_benchmark_args(args: Any) -> None:
 
 
 def default_experiment() -> ExperimentConfig:
-    """The main job: DR-CPSD on the embedded MNIST subset with a CPU budget of about half an hour.
+    """The main job's recipe: DR-CPSD on the embedded MNIST subset with a CPU budget of about half an hour (the
+    main job's other strategies take the same benchmark, classifier, epochs and optimiser, :func:`run_main_job`).
 
     The generator gets 400 steps per experience: at 150 its samples were still noise and the run ended at 0.294
     (results/README.md, "Main job"). Fewer synthetic images per old class (100) pay for part of those steps.
@@ -358,18 +369,21 @@ def run_experiment(exp: ExperimentConfig, out_dir: str, *, verbose: bool = True,
         if checkpointer is not None:
             checkpointer.eval_ended(exp_id)
     wall = time.perf_counter() - start
+    n_train = sum(len(e.dataset) for e in benchmark.train_stream)
     summary = {
         "benchmark": exp.benchmark, "strategy": exp.strategy, "seed": exp.seed,
         "final_average_accuracy": history[-1]["stream_accuracy"], "wall_time_s": wall, "history": history,
-        "stored_real_images": stored_real_images(
-            exp.strategy, sum(len(e.dataset) for e in benchmark.train_stream)),
+        "stored_real_images": stored_real_images(exp.strategy, n_train),
     }
     if isinstance(strategy, DRCPSD):
         phases = sorted({p for (_, p) in strategy.timer.seconds})
         summary["phase_time_s"] = {p: strategy.timer.total(p) for p in phases}
     summary["generator_parameters"] = generator_parameters(strategy)
+    # what the strategy keeps for the next experience, measured after the last one (baselines.memory_bytes)
+    summary.update(memory_info(memory_bytes(strategy, exp.strategy, spec.image_shape, n_train)))
     info = {k: summary[k] for k in ("benchmark", "strategy", "seed", "final_average_accuracy", "wall_time_s",
                                     "stored_real_images", "generator_parameters")}
+    info.update({k: v for k, v in summary.items() if k.startswith("memory_")})
     _write_key_values(os.path.join(log_dir, RUN_INFO), info)
     _write_json(summary_path, summary)
     for logger in loggers:
@@ -387,6 +401,16 @@ def _check_same_experiment(saved: Dict[str, Any], exp: ExperimentConfig, out_dir
     current default, so that adding an option that is off by default keeps older runs resumable."""
     from .checkpoint import CheckpointError
 
+    diffs = _experiment_differences(saved, exp)
+    if diffs:
+        raise CheckpointError(f"the run in {out_dir!r} was started with another configuration ({'; '.join(diffs[:8])}"
+                              "): resume it with the same --config and options, or start again without --resume")
+
+
+def _experiment_differences(saved: Dict[str, Any], exp: ExperimentConfig) -> List[str]:
+    """``"field: saved -> now"`` for every field in which the saved configuration (a run's ``config.json``)
+    differs from ``exp``; ``threads`` and the recorded command are not compared, and a field the saved
+    configuration lacks counts as its default."""
     def plain(config: ExperimentConfig) -> Dict[str, Any]:  # as JSON reads it back, without ``threads``
         d = json.loads(json.dumps(config.to_dict(), default=str))
         d.pop("threads", None)
@@ -398,17 +422,92 @@ def _check_same_experiment(saved: Dict[str, Any], exp: ExperimentConfig, out_dir
         saved = plain(ExperimentConfig.from_dict(saved))
     except ConfigError:
         pass
-    if saved != now:
-        diffs = []
-        for key in sorted(set(saved) | set(now)):
-            a, b = saved.get(key), now.get(key)
-            if isinstance(a, dict) and isinstance(b, dict):
-                diffs += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                          if a.get(k) != b.get(k)]
-            elif a != b:
-                diffs.append(f"{key}: {a!r} -> {b!r}")
-        raise CheckpointError(f"the run in {out_dir!r} was started with another configuration ({'; '.join(diffs[:8])}"
-                              "): resume it with the same --config and options, or start again without --resume")
+    diffs: List[str] = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                      if a.get(k) != b.get(k)]
+        elif a != b:
+            diffs.append(f"{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def run_main_job(base: ExperimentConfig, out_dir: str, strategies: Sequence[str] = MAIN_JOB_STRATEGIES, *,
+                 verbose: bool = True, resume: bool = False, checkpoint: bool = True) -> List[Dict[str, Any]]:
+    """The main job: ``base`` (its data, classifier, epochs and optimiser) with each of ``strategies`` in turn,
+    each run into ``<out_dir>/<strategy>/`` by :func:`run_experiment`, then ``<out_dir>/summary.csv``
+    (:data:`MAIN_JOB_COLUMNS`, one row per strategy, in the order run), ``accuracy.png`` (accuracy on the seen
+    experiences after each experience) and ``accuracy_memory.png`` (:mod:`avalanche_drcpsd.report`'s plots).
+    DR-CPSD's sample grids stay in ``<out_dir>/drcpsd/``.
+
+    As in ``drcpsd-compare``, a finished sub-run (``logs/run_info.csv`` present) is reused, provided it was made
+    with the same configuration (else :class:`ConfigError`: another ``out_dir`` or delete it); an unfinished
+    baseline sub-run starts again; ``resume=True`` continues an unfinished DR-CPSD sub-run from its checkpoint.
+    Returns the summary rows."""
+    from .baselines import names
+
+    strategies = list(dict.fromkeys(names(list(strategies))))  # ValueError naming an unknown strategy
+    out_dir = os.fspath(out_dir)
+    for strategy in strategies:
+        exp = ExperimentConfig.from_dict({**base.to_dict(), "strategy": strategy})
+        _main_job_run(exp, os.path.join(out_dir, strategy), verbose=verbose, resume=resume, checkpoint=checkpoint)
+    return _main_job_summary(out_dir, strategies)
+
+
+def _main_job_run(exp: ExperimentConfig, run_dir: str, *, verbose: bool, resume: bool, checkpoint: bool) -> None:
+    """One sub-run of the main job, unless a finished one of the same configuration is there."""
+    if os.path.isfile(os.path.join(run_dir, "logs", RUN_INFO)):
+        config_path = os.path.join(run_dir, "config.json")
+        if os.path.isfile(config_path):
+            with open(config_path, "r", encoding="utf-8") as fh:
+                diffs = _experiment_differences(json.load(fh), exp)
+            if diffs:
+                raise ConfigError(f"{run_dir!r} holds a finished {exp.strategy} run of another configuration "
+                                  f"({'; '.join(diffs[:8])}): choose another --out, or delete {run_dir!r} to run it "
+                                  "again")
+        print(f"{exp.strategy}: finished run in {run_dir} reused", flush=True)
+        return
+    resumable = exp.strategy == "drcpsd"  # checkpointed per phase; a baseline (minutes) starts again
+    if os.path.isdir(run_dir) and not resumable:  # an unfinished run: its CSV rows would be repeated
+        shutil.rmtree(run_dir)
+    if verbose:
+        print(f"{exp.strategy}: training into {run_dir}", flush=True)
+    run_experiment(exp, run_dir, verbose=verbose, resume=resume and resumable, checkpoint=checkpoint)
+
+
+def _main_job_summary(out_dir: str, strategies: Sequence[str]) -> List[Dict[str, Any]]:
+    """``summary.csv`` and the two plots of the main job, from its sub-runs' CSV folders."""
+    from .report import load_run, plot_accuracy, plot_accuracy_memory, summarise
+
+    runs = {s: [load_run(os.path.join(out_dir, s, "logs"))] for s in strategies}
+    rows = []
+    for strategy, (run,) in runs.items():
+        memory = run.info.get("memory_bytes", "")
+        rows.append({
+            "strategy": strategy,
+            "final_average_accuracy": round(run.final_average_accuracy, 4),
+            "stored_real_images": int(float(run.info.get("stored_real_images", 0))),
+            "memory_bytes": int(float(memory)) if memory != "" else "",
+            "wall_time_s": round(float(run.info.get("wall_time_s", "nan")), 1),
+        })
+    atomic_write_csv(os.path.join(out_dir, "summary.csv"), rows)
+    plot_accuracy(runs, os.path.join(out_dir, "accuracy.png"))
+    plot_accuracy_memory(summarise(runs), os.path.join(out_dir, "accuracy_memory.png"))
+    return rows
+
+
+def format_main_job_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """The main job's summary rows as a fixed-width text table (what the command prints)."""
+    header = ("strategy", "final avg accuracy", "stored real images", "memory (bytes)", "wall time (s)")
+    cells = [(str(r["strategy"]), f"{float(r['final_average_accuracy']):.4f}", str(r["stored_real_images"]),
+              f"{r['memory_bytes']:,}" if r["memory_bytes"] != "" else "n/a", f"{float(r['wall_time_s']):.0f}")
+             for r in rows]
+    widths = [max(len(c[i]) for c in [header] + cells) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+              for row in cells]
+    return "\n".join(lines)
 
 
 def _publish_fidelity(strategy, benchmark, exp_id: int, exp: ExperimentConfig) -> None:
@@ -445,13 +544,17 @@ def _write_json(path: str, payload: Dict[str, Any]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="drcpsd-run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="experiment JSON (default: the built-in main job on the embedded data)")
+    parser.add_argument("--config", help="experiment JSON: run that one experiment (default: the built-in main job "
+                                         "on the embedded data)")
     parser.add_argument("--benchmark", help="override: default, split_mnist, split_fmnist, split_cifar10, split_gtsrb")
     parser.add_argument("--data-root", help="override: folder with the data sets (e.g. ../shared/data)")
-    parser.add_argument("--strategy", choices=STRATEGIES, help="override the strategy")
+    parser.add_argument("--strategy", choices=STRATEGIES, help="override the strategy (one run, not the main job)")
+    parser.add_argument("--strategies", help="the main job's strategies, comma-separated, in the order they run "
+                                             f"(default {','.join(MAIN_JOB_STRATEGIES)}; 'all': every strategy); "
+                                             "not with --config or --strategy")
     parser.add_argument("--seed", type=int, help="override the seed")
     parser.add_argument("--threads", type=int, help="override the torch thread count (default: torch's own)")
-    parser.add_argument("--out", help="output folder")
+    parser.add_argument("--out", help="output folder (the main job: one sub-folder per strategy)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run killed in --out from its latest checkpoint (same config and options); "
@@ -459,6 +562,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-checkpoint", action="store_true",
                         help="write no checkpoint (a killed run then starts again from the beginning)")
     args = parser.parse_args(argv)
+    main_job = args.config is None and args.strategy is None
+    if args.strategies is not None and not main_job:
+        parser.error("--strategies selects the main job's runs; it cannot be combined with --config or --strategy "
+                     "(which run one experiment)")
     try:
         exp = ExperimentConfig.from_json(args.config) if args.config else default_experiment()
         overrides = {k: v for k, v in (("benchmark", args.benchmark), ("data_root", args.data_root),
@@ -466,9 +573,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                        ("threads", args.threads)) if v is not None}
         if overrides:
             exp = ExperimentConfig.from_dict({**exp.to_dict(), **overrides})
+        if main_job:
+            strategies = _main_job_strategies(args.strategies)
     except ConfigError as exc:
         parser.error(str(exc))
+    if main_job:
+        from .report import ReportError
+
+        out = args.out or os.path.join("runs", f"{exp.benchmark}-main-seed{exp.seed}")
+        rows = _guarded(parser, args, "drcpsd" in strategies, lambda: run_main_job(
+            exp, out, strategies, verbose=not args.quiet, resume=args.resume, checkpoint=not args.no_checkpoint),
+            also=(ConfigError, ReportError))  # a finished sub-run of another configuration, an unreadable CSV
+        if rows is None:
+            return 1
+        print(format_main_job_table(rows))
+        print(f"outputs in {out} (summary.csv, accuracy.png, accuracy_memory.png, one folder per strategy"
+              + (f"; DR-CPSD's sample grids in {os.path.join(out, 'drcpsd')}" if "drcpsd" in strategies else "")
+              + ")")
+        return 0
     out = args.out or os.path.join("runs", f"{exp.benchmark}-{exp.strategy}-seed{exp.seed}")
+    summary = _guarded(parser, args, exp.strategy == "drcpsd", lambda: run_experiment(
+        exp, out, verbose=not args.quiet, resume=args.resume, checkpoint=not args.no_checkpoint))
+    if summary is None:
+        return 1
+    print(json.dumps({k: summary[k] for k in ("benchmark", "strategy", "final_average_accuracy", "wall_time_s")}))
+    print(f"outputs in {out}")
+    return 0
+
+
+def _main_job_strategies(selection: Optional[str]) -> List[str]:
+    """``--strategies`` (None: :data:`MAIN_JOB_STRATEGIES`) as a list; an unknown name raises :class:`ConfigError`."""
+    from .baselines import names
+
+    try:
+        return names(selection if selection is not None else ",".join(MAIN_JOB_STRATEGIES))
+    except ValueError as exc:
+        raise ConfigError(f"--strategies: {exc}") from None
+
+
+def _guarded(parser: argparse.ArgumentParser, args: argparse.Namespace, resumable: bool, work, also: tuple = ()):
+    """``work()``, with the command's errors: bad data, paths or checkpoint (found before training or before
+    resuming) and the exception types ``also`` exit through ``parser.error``; a non-finite loss or a full disk
+    prints the error and returns None (exit code 1), the checkpoint kept."""
     from .checkpoint import CheckpointError
     from .data import DataError
     from .generator import GeneratorError
@@ -477,18 +623,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .utils import WriteError
 
     try:
-        summary = run_experiment(exp, out, verbose=not args.quiet, resume=args.resume,
-                                 checkpoint=not args.no_checkpoint)
-    except (DataError, GeneratorError, TextEncoderError, CheckpointError, LogPositionError) as exc:
+        return work()
+    except (DataError, GeneratorError, TextEncoderError, CheckpointError, LogPositionError) + tuple(also) as exc:
         parser.error(str(exc))  # bad data, paths or checkpoint: found before training or before resuming
     except (FloatingPointError, WriteError) as exc:  # a non-finite loss, a full disk: the run stops, checkpoint kept
         print(f"drcpsd-run: error: {exc}", file=sys.stderr)
-        if not args.no_checkpoint and exp.strategy == "drcpsd":
+        if not args.no_checkpoint and resumable:
             print("drcpsd-run: fix the cause, then continue with the same command and --resume", file=sys.stderr)
-        return 1
-    print(json.dumps({k: summary[k] for k in ("benchmark", "strategy", "final_average_accuracy", "wall_time_s")}))
-    print(f"outputs in {out}")
-    return 0
+        return None
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_compare_writes_one_csv_folder_per_run_and_a_report(compared):
         for seed in (1, 2):
             logs = folder / "runs" / strategy / f"seed{seed}" / "logs"
             assert (logs / "eval_results.csv").is_file() and (logs / "run_info.csv").is_file()
-    for png in ("accuracy.png", "accuracy_matrix.png", "mmd_gap.png", "fid.png", "kid.png"):
+    for png in ("accuracy.png", "accuracy_memory.png", "accuracy_matrix.png", "mmd_gap.png", "fid.png", "kid.png"):
         data = (folder / png).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 2000, png
     for seed in (1, 2):  # FID/KID after every experience, the last included (published after its evaluation)
@@ -111,6 +111,15 @@ def test_summary_equals_numbers_recomputed_from_the_csvs(compared):
     assert int(rows["genreplay"]["generator_parameters"]) > 0, "the VAE is counted"
     assert int(rows["naive"]["generator_parameters"]) == 0
     assert int(rows["joint"]["stored_real_images"]) > 200
+    # memory in one unit (bytes kept between experiences, from run_info.csv): none for Naive, 200 uint8 images
+    # for ER200, the generator and more for DR-CPSD
+    for strategy, row in rows.items():
+        info = {r["key"]: r["value"] for r in _read(folder / "runs" / strategy / "seed1" / "logs" / "run_info.csv")}
+        parts = sum(int(v) for k, v in info.items() if k.startswith("memory_") and k != "memory_bytes")
+        assert int(info["memory_bytes"]) == parts == int(row["memory_bytes"]), strategy
+    assert int(rows["naive"]["memory_bytes"]) == 0
+    assert int(rows["er200"]["memory_bytes"]) == 200 * 28 * 28
+    assert int(rows["drcpsd"]["memory_bytes"]) > 4 * int(rows["drcpsd"]["generator_parameters"])
 
 
 def test_targets_equal_those_recomputed_from_the_summary(compared):
@@ -205,6 +214,59 @@ def test_compare_rejects_unknown_strategy_and_benchmark(capsys):
     with pytest.raises(SystemExit):
         compare_main(["--benchmarks", "imagenet"])
     assert "imagenet" in capsys.readouterr().err
+
+
+def _fake_run(folder, strategy, seed, accuracies, info):
+    """A finished run's CSV folder written by hand: ``accuracies[i][j]`` is the accuracy on experience j after
+    training on i (j <= i), ``info`` the rows of run_info.csv beyond strategy and seed."""
+    logs = folder / "runs" / strategy / f"seed{seed}" / "logs"
+    logs.mkdir(parents=True)
+    with open(logs / "eval_results.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["eval_exp", "training_exp", "eval_accuracy"])
+        w.writerows([j, i, a] for i, row in enumerate(accuracies) for j, a in enumerate(row))
+    with open(logs / "metrics.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["name", "x", "value"])
+        w.writerows(["Top1_Acc_Stream/eval_phase/test_stream/Task000", i, np.mean(row)]
+                    for i, row in enumerate(accuracies))
+    with open(logs / "run_info.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["key", "value"])
+        w.writerows([("strategy", strategy), ("seed", seed), ("wall_time_s", 1.0)] + list(info.items()))
+
+
+def test_report_plots_accuracy_against_memory_and_tolerates_old_run_info(tmp_path):
+    """memory_bytes in summary.csv and report.md, accuracy_memory.png; a run_info.csv written before memory was
+    measured leaves the cell empty (and the strategy off the plot); with none at all the plot is not written."""
+    folder = tmp_path / "bench"
+    _fake_run(folder, "naive", 0, [[0.9], [0.0, 0.95]], {"stored_real_images": 0, "memory_bytes": 0})
+    _fake_run(folder, "er200", 0, [[0.9], [0.6, 0.9]], {"stored_real_images": 200, "memory_bytes": 156800,
+                                                        "memory_real_images_bytes": 156800})
+    _fake_run(folder, "er200", 1, [[0.9], [0.7, 0.9]], {"stored_real_images": 200, "memory_bytes": 156800})
+    _fake_run(folder, "lwf", 0, [[0.9], [0.2, 0.9]], {"stored_real_images": 0})  # an old run_info.csv
+    assert report_main([str(folder)]) == 0
+    rows = {r["strategy"]: r for r in _read(folder / "summary.csv")}
+    assert rows["naive"]["memory_bytes"] == "0" and rows["er200"]["memory_bytes"] == "156800"
+    assert rows["lwf"]["memory_bytes"] == "", "no memory_bytes in run_info.csv: an empty cell"
+    assert float(rows["er200"]["final_average_accuracy_mean"]) == pytest.approx(0.775)
+    data = (folder / "accuracy_memory.png").read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 2000
+    report = (folder / "report.md").read_text()
+    assert "![accuracy_memory](accuracy_memory.png)" in report and "| memory (bytes) |" in report
+    assert next(l for l in report.splitlines() if l.startswith("| lwf |")).endswith("| n/a |")
+    assert next(l for l in report.splitlines() if l.startswith("| er200 |")).endswith("| 156800 |")
+
+    old = tmp_path / "old"  # every run from before: the report still builds, without the plot
+    _fake_run(old, "lwf", 0, [[0.9], [0.2, 0.9]], {"stored_real_images": 0})
+    assert report_main([str(old)]) == 0
+    assert _read(old / "summary.csv")[0]["memory_bytes"] == ""
+    assert not (old / "accuracy_memory.png").exists()
+    assert "accuracy_memory" not in (old / "report.md").read_text()
+
+    _fake_run(old, "naive", 0, [[0.9], [0.0, 0.9]], {"memory_bytes": "lots"})
+    with pytest.raises(ReportError, match="memory_bytes='lots'"):
+        build_report(str(old))
 
 
 def _summary(folder, rows):

@@ -170,3 +170,29 @@ def test_resume_accepts_a_configuration_saved_before_a_field_was_added():
     changed = ExperimentConfig.from_dict({**exp.to_dict(), "drcpsd": {**exp.drcpsd.to_dict(), "replay_min_steps": 100}})
     with pytest.raises(CheckpointError, match=r"drcpsd\.replay_min_steps: 0 -> 100"):
         _check_same_experiment(saved, changed, "out")
+
+
+def test_resumed_run_keeps_the_kept_sets_ema_weights_and_fresh_teacher(tmp_path):
+    """The issue-13 levers keep their state across a kill: with ``replay_draw="once"`` the kept synthetic sets of
+    the old classes (a fresh process must not draw them again from the changed generator), the EMA weights that
+    became the generator, and fresh-sample generative distillation from a teacher rebuilt from them."""
+    exp = ExperimentConfig(benchmark="default", train_epochs=1, threads=1, eval_mb_size=500,
+                           benchmark_args={"n_experiences": 3, "train_per_class": 40, "test_per_class": 20},
+                           drcpsd=tiny_config(gap_samples_per_class=4, replay_draw="once", generator_ema_decay=0.9,
+                                              generator_distill_source="fresh"))
+    ref = tmp_path / "reference"
+    ref_summary = run_experiment(exp, str(ref), verbose=False)
+    config = tmp_path / "experiment.json"
+    config.write_text(json.dumps(exp.to_dict()))
+    out = tmp_path / "run"
+    for i, kill_at in enumerate(["1:eval", "2:generator"]):
+        code, output = _run_cli(config, out, kill_at=kill_at, resume=i > 0)
+        assert code == -signal.SIGKILL, f"{kill_at}: exit code {code}\n{output[-3000:]}"
+    code, output = _run_cli(config, out, resume=True)
+    assert code == 0, output[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_average_accuracy"] == ref_summary["final_average_accuracy"]
+    for name in ("classifier.safetensors", "embeddings.safetensors", "generator/unet/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(out / "state" / name), load_file(ref / "state" / name)
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
+    assert (out / "logs" / "eval_results.csv").read_text() == (ref / "logs" / "eval_results.csv").read_text()

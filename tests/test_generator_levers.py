@@ -1,0 +1,185 @@
+"""The generator phase's levers (issue 13): what each one does, checked on tiny models and fixed batches."""
+
+import copy
+
+import pytest
+import torch
+
+from avalanche_drcpsd import CPSDGeneratorPlugin, DRCPSDConfig
+from avalanche_drcpsd.config import ConfigError
+from avalanche_drcpsd.fidelity import classification_accuracy_score
+from avalanche_drcpsd.utils import dataset_tensors
+
+from conftest import tiny_config
+
+
+def _exp_tensors(mnist_small, k):
+    return dataset_tensors(mnist_small.train_stream[k].dataset.eval())
+
+
+def _plugin(**overrides):
+    return CPSDGeneratorPlugin(tiny_config(**overrides), verbose=False)
+
+
+def _flat(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+@pytest.mark.parametrize("field, value", [
+    ("generator_replay_weighting", "uniform"), ("generator_distill_source", "cache"), ("replay_draw", "sometimes"),
+    ("generator_lr_schedule", "linear"), ("generator_ema_decay", 1.0), ("generator_ema_decay", -0.1),
+    ("generator_grad_clip", 0.0), ("generator_teacher_steps", 0), ("generator_warmup_steps", -1),
+])
+def test_bad_lever_values_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=field):
+        DRCPSDConfig(**{field: value})
+
+
+@pytest.mark.parametrize("weighting, n_new, n_old, expected", [
+    ("fraction", 2, 8, (8, 8, 0.5, 0.5)),          # generator_replay_fraction 0.5 of a 16 batch
+    ("balanced", 2, 8, (3, 13, 3 / 16, 13 / 16)),  # 8/10 of the batch: every seen class ~1/10
+    ("balanced", 2, 2, (8, 8, 0.5, 0.5)),
+    ("fraction", 2, 0, (16, 0, 1.0, 0.0)),          # no old class: the whole batch is real
+])
+def test_replay_split_gives_each_class_its_share(weighting, n_new, n_old, expected):
+    plugin = _plugin(generator_replay_weighting=weighting)
+    assert plugin.replay_split(n_new, n_old) == pytest.approx(expected)
+
+
+def test_task_weighting_doubles_the_batch_and_weighs_by_experience():
+    plugin = _plugin(generator_replay_weighting="task", generator_distill_weight=2.0)
+    plugin._exp = 3
+    assert plugin.replay_split(2, 6) == pytest.approx((16, 16, 0.25, 0.75 * 2.0))
+
+
+def test_balanced_batches_hold_each_class_share(mnist_small, monkeypatch, one_thread):
+    """With 2 new and 2 old classes the balanced split puts half of every generator batch on replay."""
+    plugin = _plugin(generator_replay_weighting="balanced", generator_steps=2)
+    plugin.learn_classes(*_exp_tensors(mnist_small, 0))
+    plugin.begin_experience(1)
+    sizes = []
+    original = plugin.generator.predict_noise
+
+    def spy(z, t, cond):
+        sizes.append(z.shape[0])
+        return original(z, t, cond)
+
+    monkeypatch.setattr(plugin.generator, "predict_noise", spy)
+    plugin.learn_classes(*_exp_tensors(mnist_small, 1))
+    # per step: the student on 8 real, the teacher (a copy, not spied) and the student on 8 replay images
+    assert sizes[:4] == [8, 8, 8, 8]
+
+
+def test_fresh_distillation_matches_a_fixed_teacher(mnist_small, one_thread, monkeypatch):
+    """The student starts away from the teacher; fresh-sample distillation closes most of the gap."""
+    import avalanche_drcpsd.plugins.generator as gp_module
+
+    plugin = _plugin(generator_distill_source="fresh", generator_replay_weighting="task", generator_steps=40,
+                     generator_lr=2e-3, cond_dropout=0.0)
+    plugin.learn_classes(*_exp_tensors(mnist_small, 0))
+    teacher = copy.deepcopy(plugin.generator)
+    monkeypatch.setattr(gp_module, "frozen_copy", lambda module: teacher)  # the teacher: the unperturbed generator
+    gen = plugin.generator
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in gen.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cond = plugin.buffer.stack([0, 1]).repeat(8, 1, 1)
+    z0 = teacher.sample_latents(cond, plugin.buffer.null, guidance_scale=1.0, num_inference_steps=2, sampler="ddim",
+                                generator=torch.Generator().manual_seed(0))
+    z_t, _, t = gen.noisy(z0, torch.Generator().manual_seed(1))
+
+    def gap():
+        with torch.no_grad():
+            return float((gen.predict_noise(z_t, t, cond) - teacher.predict_noise(z_t, t, cond)).pow(2).mean())
+
+    before = gap()
+    plugin._exp = 10_000  # 1/(t+1) ~ 0: the new classes' term vanishes, the step is distillation
+    plugin.train_generator(*_exp_tensors(mnist_small, 0), {0: plugin.buffer.embeddings[0]})
+    assert gap() < 0.5 * before
+
+
+def test_ema_weights_are_the_ones_sampled_and_saved(mnist_small, monkeypatch, one_thread, tmp_path):
+    """With an EMA the generator ends the phase on the averaged weights, not the last optimiser step's."""
+    from diffusers.training_utils import EMAModel
+
+    seen = {}
+    original_copy_to = EMAModel.copy_to
+
+    def spy(self, parameters):
+        seen["shadow"] = torch.cat([p.detach().flatten().clone() for p in self.shadow_params])
+        params = list(parameters)
+        seen["live"] = torch.cat([p.detach().flatten().clone() for p in params])
+        return original_copy_to(self, params)
+
+    monkeypatch.setattr(EMAModel, "copy_to", spy)
+    plugin = _plugin(generator_ema_decay=0.9, generator_steps=6)
+    plugin.learn_classes(*_exp_tensors(mnist_small, 0))
+    final = _flat(plugin.generator.unet)
+    assert not torch.equal(seen["shadow"], seen["live"])
+    assert torch.equal(final, seen["shadow"])
+    plugin.generator.save_pretrained(tmp_path / "g")
+    from avalanche_drcpsd.generator import DiffusionGenerator
+
+    assert torch.equal(_flat(DiffusionGenerator.from_pretrained(tmp_path / "g").unet), seen["shadow"])
+
+
+def test_lr_schedule_and_clipping_change_the_training(mnist_small, one_thread):
+    x, y = _exp_tensors(mnist_small, 0)
+    results = {}
+    for name, extra in {"plain": {}, "cosine": {"generator_lr_schedule": "cosine", "generator_warmup_steps": 2},
+                        "clip": {"generator_grad_clip": 1e-3}}.items():
+        plugin = _plugin(generator_steps=4, seed=3, **extra)
+        plugin.learn_classes(x, y)
+        results[name] = _flat(plugin.generator.unet)
+    assert not torch.equal(results["plain"], results["cosine"])
+    assert not torch.equal(results["plain"], results["clip"])
+
+
+def test_replay_draw_once_keeps_each_class_set(mnist_small, one_thread):
+    """Each class is drawn once, the experience after it was learned, and the same images come back later."""
+    plugin = _plugin(replay_draw="once", n_replay_per_class=6)
+    plugin.learn_classes(*_exp_tensors(mnist_small, 0))
+    plugin.begin_experience(1)
+    x1, y1 = plugin.replay_set
+    assert sorted(plugin.kept) == [0, 1] and plugin.kept[0].dtype == torch.uint8
+    plugin.learn_classes(*_exp_tensors(mnist_small, 1))
+    plugin._replay = None
+    plugin.begin_experience(2)
+    x2, y2 = plugin.replay_set
+    assert sorted(plugin.kept) == [0, 1, 2, 3]
+    assert torch.equal(x2[y2 <= 1], x1)  # the generator changed, the kept sets did not
+    assert plugin.timer.seconds[(2, "generation")] > 0
+
+
+def test_replay_draw_redraw_draws_old_classes_again(mnist_small, one_thread):
+    plugin = _plugin(n_replay_per_class=6)
+    plugin.learn_classes(*_exp_tensors(mnist_small, 0))
+    plugin.begin_experience(1)
+    x1, _ = plugin.replay_set
+    plugin.learn_classes(*_exp_tensors(mnist_small, 1))
+    plugin._replay = None
+    plugin.begin_experience(2)
+    x2, y2 = plugin.replay_set
+    assert not torch.equal(x2[y2 <= 1], x1)
+    assert plugin.kept == {}
+
+
+def test_cas_is_per_class_accuracy_of_a_classifier_trained_on_synthetic_images(mnist_small, one_thread):
+    """Real images as the 'synthetic' set give a high CAS; shuffled labels give about chance."""
+    xs, ys = map(torch.cat, zip(*(_exp_tensors(mnist_small, k) for k in range(2))))
+    test = [dataset_tensors(e.dataset.eval()) for e in mnist_small.test_stream]
+    xt, yt = torch.cat([x for x, _ in test]), torch.cat([y for _, y in test])
+    good = classification_accuracy_score(xs, ys, xt, yt, epochs=5)
+    assert sorted(good) == [0, 1, 2, 3]  # only the classes of the synthetic set; other real classes are ignored
+    assert min(good.values()) > 0.7
+    bad = classification_accuracy_score(xs, ys[torch.randperm(len(ys))], xt, yt, epochs=5)
+    assert sum(bad.values()) / 4 < 0.6
+
+
+def test_cas_rejects_mismatched_shapes():
+    from avalanche_drcpsd.fidelity import FidelityError
+
+    with pytest.raises(FidelityError, match="same"):
+        classification_accuracy_score(torch.rand(4, 1, 28, 28), torch.arange(4), torch.rand(4, 3, 28, 28),
+                                      torch.arange(4))
