@@ -47,7 +47,7 @@ from avalanche_drcpsd.compare import ensure_feature_extractor, profile_config  #
 from avalanche_drcpsd.data import make_benchmark  # noqa: E402
 from avalanche_drcpsd.fidelity import classification_accuracy_score, fid_kid  # noqa: E402
 from avalanche_drcpsd.plugins.generator import CPSDGeneratorPlugin  # noqa: E402
-from avalanche_drcpsd.run import _image_grid  # noqa: E402
+from avalanche_drcpsd.run import _image_grid, default_experiment  # noqa: E402
 from avalanche_drcpsd.utils import atomic_write, atomic_write_csv, atomic_write_text, dataset_tensors  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -72,12 +72,16 @@ def _streams(benchmark, iid: bool):
 
 
 def run_variant(benchmark_name: str, variant: str, overrides: Dict[str, Any], *, profile: str, data_root: str,
-                out: str, iid: bool, threads: int, cas_epochs: int, seed: int, verbose: bool = True) -> Dict[str, Any]:
-    exp = profile_config(benchmark_name, profile, data_root, experiments=os.path.join(HERE, "..", "experiments"))
-    n_exp = exp.benchmark_args.get("n_experiences", 5)
+                out: str, iid: bool, threads: int, cas_epochs: int, seed: int, verbose: bool = True,
+                experiences: int = 0) -> Dict[str, Any]:
+    if benchmark_name == "default":  # the main job's embedded data and its DR-CPSD settings
+        exp = default_experiment()
+    else:
+        exp = profile_config(benchmark_name, profile, data_root, experiments=os.path.join(HERE, "..", "experiments"))
     config = exp.drcpsd.replace(**overrides, seed=seed)
     benchmark = make_benchmark(exp.benchmark, exp.data_root, seed=seed, **exp.benchmark_args)
     train, (x_test, y_test) = _streams(benchmark, iid)
+    train = train[:experiences] if experiences else train
     if iid:
         config = config.replace(generator_steps=config.generator_steps * len(benchmark.train_stream))
     extractor = ensure_feature_extractor(exp, os.path.join(out, benchmark_name, "feature_extractor"))
@@ -162,7 +166,8 @@ def upsert_ablation(path: str, row: Dict[str, Any]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--benchmark", default="split_mnist")
+    parser.add_argument("--benchmark", default="split_mnist",
+                        help="a split benchmark with a profile, or 'default' (the main job's embedded data and settings)")
     parser.add_argument("--variants", default="profile", help="comma-separated names of generator_variants.json")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                         help="an extra DRCPSDConfig field for every variant (the variant is named with it)")
@@ -172,6 +177,8 @@ def main(argv=None) -> int:
     parser.add_argument("--iid", action="store_true", help="one experience with every class, the same total steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cas-epochs", type=int, default=3)
+    parser.add_argument("--experiences", type=int, default=0,
+                        help="only the first N experiences (a screen of one learning phase; 0: all)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--quiet", action="store_true", help="no progress bars (one line per experience)")
     args = parser.parse_args(argv)
@@ -196,14 +203,15 @@ def main(argv=None) -> int:
         atomic_write_text(log, "\n".join(lines + [command]) + "\n")
     for v in names:
         overrides = {**variants[v], **extra}
-        label = v + "".join(f"+{item}" for item in sorted(args.set))
+        label = v + "".join(f"+{item}" for item in sorted(args.set)) + (f"_first{args.experiences}"
+                                                                        if args.experiences else "")
         target = os.path.join(args.out, args.benchmark, label + ("_iid" if args.iid else "") + ".csv")
         if os.path.isfile(target):
             print(f"[{label}] done already ({target}); delete it to rerun")
             continue
         row = run_variant(args.benchmark, label, overrides, profile=args.profile, data_root=args.data_root,
                           out=args.out, iid=args.iid, threads=args.threads, cas_epochs=args.cas_epochs,
-                          seed=args.seed, verbose=not args.quiet)
+                          seed=args.seed, verbose=not args.quiet, experiences=args.experiences)
         upsert_ablation(os.path.join(args.out, "ablation.csv"), row)
         print(f"[{row['variant']}] final mean CAS {row['final_mean_cas']}, min {row['min_cas']} (class "
               f"{row['min_cas_class']}), FID {row['fid']}, generator {row['generator_seconds']} s", flush=True)
