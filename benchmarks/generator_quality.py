@@ -118,14 +118,27 @@ def run_variant(benchmark_name: str, variant: str, overrides: Dict[str, Any], *,
     atomic_write_csv(os.path.join(folder, f"{name}.csv"), rows)
     os.remove(os.path.join(folder, f"{name}.partial.csv"))
     _heat_map(rows, os.path.join(folder, f"{name}_cas.png"), title=f"{benchmark_name} / {name}: CAS per class")
-    last = [r for r in rows if r["experience"] == rows[-1]["experience"]]
-    final_generation = last[0]["generation_s"]  # the measuring draw after the last experience: not a phase of DR-CPSD
-    seconds = sum(r["generator_s"] + r["cpsd_s"] + r["generation_s"] for r in rows
-                  if r["class"] == seen[0]) - final_generation
+    return summarise(rows, iid=iid, threads=threads, overrides=overrides)
+
+
+def summarise(rows: List[Dict[str, Any]], *, iid: bool, threads: int, overrides: Dict[str, Any],
+              upto: int = 0) -> Dict[str, Any]:
+    """The ablation row of a variant's per-class rows, after its last experience (or after ``upto``
+    experiences): mean and min CAS over the classes seen, FID/KID, and the generator-side seconds (generator, CPSD
+    and generation phases; the measuring draw after the last experience counted is left out)."""
+    rows = [{**r, "experience": int(r["experience"]), "class": int(r["class"]),
+             **{k: float(r[k]) for k in ("cas", "fid", "kid", "generator_s", "cpsd_s", "generation_s")}}
+            for r in rows]
+    last_exp = (upto - 1) if upto else max(r["experience"] for r in rows)
+    rows = [r for r in rows if r["experience"] <= last_exp]
+    last = [r for r in rows if r["experience"] == last_exp]
+    first_class = min(r["class"] for r in rows)
+    seconds = sum(r["generator_s"] + r["cpsd_s"] + r["generation_s"] for r in rows if r["class"] == first_class)
+    seconds -= last[0]["generation_s"]
     worst = min(last, key=lambda r: r["cas"])
-    return {"benchmark": benchmark_name, "variant": name, "iid": iid, "experiences": len(train),
-            "final_mean_cas": round(sum(r["cas"] for r in last) / len(last), 4), "min_cas": worst["cas"],
-            "min_cas_class": worst["class"], "fid": last[0]["fid"], "kid": last[0]["kid"],
+    return {"benchmark": rows[0]["benchmark"], "variant": rows[0]["variant"], "iid": iid,
+            "experiences": last_exp + 1, "final_mean_cas": round(sum(r["cas"] for r in last) / len(last), 4),
+            "min_cas": worst["cas"], "min_cas_class": worst["class"], "fid": last[0]["fid"], "kid": last[0]["kid"],
             "generator_seconds": round(seconds, 1), "threads": threads,
             "overrides": json.dumps(overrides, sort_keys=True)}
 
@@ -158,9 +171,10 @@ def upsert_ablation(path: str, row: Dict[str, Any]) -> None:
     rows = []
     if os.path.isfile(path):
         with open(path, newline="", encoding="utf-8") as fh:
-            rows = [r for r in csv.DictReader(fh) if (r["benchmark"], r["variant"]) != (row["benchmark"], row["variant"])]
+            rows = [r for r in csv.DictReader(fh) if (r["benchmark"], r["variant"], str(r["experiences"]))
+                    != (row["benchmark"], row["variant"], str(row["experiences"]))]
     rows.append({k: row[k] for k in ABLATION_COLUMNS})
-    rows.sort(key=lambda r: (r["benchmark"], r["variant"]))
+    rows.sort(key=lambda r: (r["benchmark"], int(r["experiences"]), r["variant"]))
     atomic_write_csv(path, rows)
 
 
@@ -180,6 +194,9 @@ def main(argv=None) -> int:
     parser.add_argument("--experiences", type=int, default=0,
                         help="only the first N experiences (a screen of one learning phase; 0: all)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--summarise", type=int, metavar="K", default=None,
+                        help="train nothing: upsert the ablation rows of every variant CSV of --benchmark (finished or "
+                             "partial) after K experiences (0: after each one's last)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (one line per experience)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -195,6 +212,9 @@ def main(argv=None) -> int:
     unknown = [v for v in names if v not in variants]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; expected some of {sorted(variants)}")
+    if args.summarise is not None:
+        _summarise_folder(args, variants)
+        return 0
     os.makedirs(args.out, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     log = os.path.join(args.out, "command.txt")
@@ -216,6 +236,35 @@ def main(argv=None) -> int:
         print(f"[{row['variant']}] final mean CAS {row['final_mean_cas']}, min {row['min_cas']} (class "
               f"{row['min_cas_class']}), FID {row['fid']}, generator {row['generator_seconds']} s", flush=True)
     return 0
+
+
+def _summarise_folder(args, variants: Dict[str, Dict[str, Any]]) -> None:
+    """``--summarise K``: ablation rows from the CSVs already written (a killed run's ``.partial.csv`` too)."""
+    folder = os.path.join(args.out, args.benchmark)
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".csv"):
+            continue
+        with open(os.path.join(folder, name), newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows:
+            continue
+        done = max(int(r["experience"]) for r in rows) + 1
+        if args.summarise > done:
+            print(f"{name}: {done} experience(s), fewer than {args.summarise}: skipped")
+            continue
+        variant = rows[0]["variant"]
+        base = variant.split("+")[0].removesuffix("_iid")
+        base = base.split("_first")[0] if base not in variants else base
+        row = summarise(rows, iid=variant.endswith("_iid"), threads=args.threads,
+                        overrides=variants.get(base, {}), upto=args.summarise)
+        upsert_ablation(os.path.join(args.out, "ablation.csv"), row)
+        if name.endswith(".partial.csv"):
+            rows_done = [r for r in rows if int(r["experience"]) < row["experiences"]]
+            _heat_map([{**r, "experience": int(r["experience"]), "class": int(r["class"]), "cas": float(r["cas"])}
+                       for r in rows_done], os.path.join(folder, f"{variant}_cas.png"),
+                      title=f"{args.benchmark} / {variant}: CAS per class (first {row['experiences']} experiences)")
+        print(f"{variant}: after {row['experiences']} experience(s) mean CAS {row['final_mean_cas']}, "
+              f"min {row['min_cas']}, FID {row['fid']}")
 
 
 if __name__ == "__main__":
