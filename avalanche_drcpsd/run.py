@@ -196,7 +196,8 @@ def default_experiment() -> ExperimentConfig:
     The generator (issue 13, ``results/generator/``): the UNet of the CPU profiles with one attention head, 300
     steps of batch 64 per experience with an EMA of its weights (decay up to 0.999), and each class's 100 replay
     images drawn once, right after the class is learned, and kept (``replay_draw="once"``): the replay of an old
-    class no longer depends on the generator remembering it, so generative distillation is off. A smaller UNet
+    class no longer depends on the generator remembering it, so generative distillation is weighted 0 (its term is
+    still computed on half of each batch: see results/generator/README.md). A smaller UNet
     (16, 32, 32) was 2.9x cheaper per step but drew grid-patterned digits (``results/generator/README.md``). Replay runs 10 epochs:
     an experience here has only 400 real images, so one or two epochs are 13-26 optimiser steps, too few for the
     averaged student to fit anything (it erased the newest classes)."""
