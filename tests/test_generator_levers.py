@@ -70,6 +70,34 @@ def test_balanced_batches_hold_each_class_share(mnist_small, monkeypatch, one_th
     assert sizes[:4] == [8, 8, 8, 8]
 
 
+def test_zero_distillation_weight_builds_no_teacher_and_trains_on_whole_real_batches(mnist_small, monkeypatch,
+                                                                                      one_thread):
+    """generator_distill_weight=0 is no distillation: no frozen copy, and every step's batch is all real images."""
+    import avalanche_drcpsd.plugins.generator as gp_module
+
+    plugin = _plugin(generator_distill_weight=0.0, generator_steps=3)
+    plugin.learn_classes(*_exp_tensors(mnist_small, 0))
+    plugin.begin_experience(1)
+    assert plugin.replay_set is not None  # an old class's replay set exists, so only the weight can skip it
+
+    def no_teacher(module):
+        raise AssertionError("a teacher was built for a zero distillation weight")
+
+    monkeypatch.setattr(gp_module, "frozen_copy", no_teacher)
+    sizes = []
+    original = plugin.generator.predict_noise
+
+    def spy(z, t, cond):
+        sizes.append(z.shape[0])
+        return original(z, t, cond)
+
+    monkeypatch.setattr(plugin.generator, "predict_noise", spy)
+    x, y = _exp_tensors(mnist_small, 1)
+    cond_new = {int(k): plugin.text_encoder.encode([plugin.prompt(int(k))])[0] for k in y.unique()}
+    plugin.train_generator(x, y, cond_new)
+    assert sizes == [plugin.config.generator_batch_size] * 3
+
+
 def test_fresh_distillation_matches_a_fixed_teacher(mnist_small, one_thread, monkeypatch):
     """The student starts away from the teacher; fresh-sample distillation closes most of the gap."""
     import avalanche_drcpsd.plugins.generator as gp_module

@@ -327,7 +327,9 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         device = c.device
         old_classes = self.learned_classes
         fresh = c.generator_distill_source == "fresh"
-        distill = bool(old_classes) and (fresh or self._replay is not None)
+        # a zero distillation weight is no distillation: no teacher, and the whole batch is the new classes' real
+        # images (a zero-weighted replay share would only halve the real batch at the same cost)
+        distill = bool(old_classes) and c.generator_distill_weight > 0 and (fresh or self._replay is not None)
         teacher = frozen_copy(gen) if distill else None
         new_ids = sorted(cond_new)
         emb_new = torch.stack([cond_new[k] for k in new_ids]).to(device)
@@ -398,7 +400,8 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         * ``task``: ``b_new = b_old = B``, weights :math:`1/(t+1)` and :math:`(1 - 1/(t+1))` at experience
           :math:`t` (the experience index).
 
-        The distillation weight is multiplied by ``generator_distill_weight``."""
+        The distillation weight is multiplied by ``generator_distill_weight``; with weight 0 :meth:`train_generator`
+        distils nothing and asks for the split with ``n_old=0`` (the whole batch real)."""
         c = self.config
         batch = c.generator_batch_size
         if n_old == 0:
