@@ -866,7 +866,7 @@ class Checkpointer:
             if phase == "generator" and order == "after_generator" and tokens:
                 gp._cpsd_phase(images, labels, tokens)
             elif phase == "cpsd" and order == "before_generator" and new and gp.trainable \
-                    and gp.config.generator_steps > 0:
+                    and gp.generator_steps(new) > 0:
                 with gp.timer("generator", gp._exp):
                     gp.train_generator(images, labels, {c: gp.buffer.embeddings[c] for c in new})
             with _only_plugins(s, after_gp):

@@ -93,6 +93,9 @@ class DRCPSDConfig:
     beta_schedule: str = "linear"
     #: *package*: optimiser steps of the generator phase per experience.
     generator_steps: int = 500
+    #: *package*: steps of the first generator phase, which trains a generator from scratch (the later phases
+    #: start from a trained one and learn only their new classes); None: ``generator_steps``.
+    generator_first_steps: Optional[int] = None
     generator_batch_size: int = 128
     generator_lr: float = 1e-3
     #: weight of generative distillation (Masip et al.): MSE between the new and the previous generator's
@@ -205,6 +208,8 @@ class DRCPSDConfig:
             raise ConfigError(f"seed={self.seed!r} must be < 2**32 (what numpy and torch accept as a seed)")
         if self.cpsd_max_images_per_class is not None:
             _int_at_least("cpsd_max_images_per_class", self.cpsd_max_images_per_class, 1)
+        if self.generator_first_steps is not None:
+            _int_at_least("generator_first_steps", self.generator_first_steps, 0)
         for name in ("cpsd_lr", "generator_lr", "snr_gamma", "replay_kd_temperature"):
             _positive(name, getattr(self, name))
         if self.replay_lr is not None:

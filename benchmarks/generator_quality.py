@@ -115,6 +115,10 @@ def run_variant(benchmark_name: str, variant: str, overrides: Dict[str, Any], *,
         mean = sum(cas.values()) / len(cas)
         print(f"[{name}] exp {e}: mean CAS {mean:.3f}, min {min(cas.values()):.3f}, FID {fk['fid']:.1f}, "
               + ", ".join(f"{p} {v:.0f}s" for p, v in phase.items()), flush=True)
+    # the last replay set (8-bit, as the synthetic cache keeps it): the input of benchmarks/replay_quality.py
+    sets = {"images": (xs.clamp(0, 1) * 255).round().to(torch.uint8), "labels": ys,
+            "benchmark": benchmark_name, "variant": name, "seed": seed, "config": config.to_dict()}
+    atomic_write(os.path.join(folder, f"{name}_sets.pt"), lambda tmp: torch.save(sets, tmp))
     atomic_write_csv(os.path.join(folder, f"{name}.csv"), rows)
     os.remove(os.path.join(folder, f"{name}.partial.csv"))
     _heat_map(rows, os.path.join(folder, f"{name}_cas.png"), title=f"{benchmark_name} / {name}: CAS per class")

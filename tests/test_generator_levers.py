@@ -98,6 +98,34 @@ def test_zero_distillation_weight_builds_no_teacher_and_trains_on_whole_real_bat
     assert sizes == [plugin.config.generator_batch_size] * 3
 
 
+@pytest.mark.parametrize("order", ["after_generator", "before_generator"])
+def test_first_steps_apply_to_the_generator_from_scratch_only(mnist_small, monkeypatch, one_thread, order):
+    """The first generator phase runs generator_first_steps optimiser steps, the later ones generator_steps,
+    whichever order the CPSD phase runs in (it fills the buffer before the generator phase in one of them)."""
+    import avalanche_drcpsd.plugins.generator as gp_module
+
+    plugin = _plugin(generator_first_steps=5, generator_steps=2, cpsd_order=order)
+    losses = []
+    original = gp_module.ldm_loss
+
+    def spy(*args, **kwargs):  # one LDM loss per generator step (the CPSD phase has its own import)
+        losses.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gp_module, "ldm_loss", spy)
+    counts = []
+    for k in (0, 1):
+        losses.clear()
+        plugin.learn_classes(*_exp_tensors(mnist_small, k))
+        counts.append(len(losses))
+    assert counts == [5, 2]
+
+
+def test_first_steps_must_be_a_count():
+    with pytest.raises(ConfigError, match="generator_first_steps"):
+        DRCPSDConfig(generator_first_steps=-3)
+
+
 def test_fresh_distillation_matches_a_fixed_teacher(mnist_small, one_thread, monkeypatch):
     """The student starts away from the teacher; fresh-sample distillation closes most of the gap."""
     import avalanche_drcpsd.plugins.generator as gp_module

@@ -292,11 +292,19 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
             cond_new = {c: self.buffer.embeddings[c] for c in new}
         else:
             cond_new = tokens
-        if self.trainable and self.config.generator_steps > 0:
+        if self.trainable and self.generator_steps(new) > 0:
             with self.timer("generator", self._exp):
                 self.train_generator(images, labels, cond_new)
         if self.config.cpsd_order == "after_generator":
             self._cpsd_phase(images, labels, tokens)
+
+    def generator_steps(self, new_classes: Sequence[int]) -> int:
+        """Optimiser steps of the generator phase that learns ``new_classes``: ``generator_first_steps`` (when
+        set) if no other class has been learned (a generator from scratch), else ``generator_steps``."""
+        c = self.config
+        if c.generator_first_steps is not None and set(self.learned_classes) <= {int(k) for k in new_classes}:
+            return c.generator_first_steps
+        return c.generator_steps
 
     def _cpsd_phase(self, images: Tensor, labels: Tensor, tokens: Dict[int, Tensor]) -> None:
         c = self.config
@@ -316,7 +324,7 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
                     self.buffer.add(cls, proj(tok.to(self.config.device).unsqueeze(0))[0], self.prompt(cls))
 
     def train_generator(self, images: Tensor, labels: Tensor, cond_new: Dict[int, Tensor]) -> None:
-        """``generator_steps`` AdamW steps on batches of the new classes' real images (LDM loss) and, when there
+        """:meth:`generator_steps` AdamW steps on batches of the new classes' real images (LDM loss) and, when there
         are old classes, generative distillation against a frozen copy of the generator as it was: its noise
         predictions on old-class inputs (the replay set, or fresh teacher samples with
         ``generator_distill_source="fresh"``) under the old classes' embeddings. The batch split and the terms'
@@ -326,6 +334,7 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         gen = self.generator
         device = c.device
         old_classes = self.learned_classes
+        steps = self.generator_steps(list(cond_new))
         fresh = c.generator_distill_source == "fresh"
         # a zero distillation weight is no distillation: no teacher, and the whole batch is the new classes' real
         # images (a zero-weighted replay share would only halve the real batch at the same cost)
@@ -346,10 +355,10 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         real_idx = torch.nonzero(lookup_new[labels] >= 0).flatten()
         params = list(gen.unet.parameters())
         optimizer = torch.optim.AdamW(params, lr=c.generator_lr, weight_decay=0.0)
-        schedule = _lr_schedule(optimizer, c.generator_lr_schedule, c.generator_warmup_steps, c.generator_steps)
+        schedule = _lr_schedule(optimizer, c.generator_lr_schedule, c.generator_warmup_steps, steps)
         ema = _weight_ema(params, c.generator_ema_decay)
         gen.train()
-        bar = tqdm(range(c.generator_steps), desc=f"exp {self._exp} generator", disable=not self.verbose, leave=False)
+        bar = tqdm(range(steps), desc=f"exp {self._exp} generator", disable=not self.verbose, leave=False)
         for step in bar:
             pick = real_idx[torch.randint(len(real_idx), (b_new,), generator=self.rng)]
             x = images[pick].to(device)
