@@ -39,6 +39,7 @@ _CHOICES = {
     "generator_replay_weighting": ("fraction", "balanced", "task"),
     "generator_distill_source": ("pool", "fresh"),
     "replay_draw": ("redraw", "once"),
+    "replay_classes": ("old", "seen"),
 }
 
 
@@ -144,6 +145,11 @@ class DRCPSDConfig:
     replay_draw: str = "redraw"
 
     # --- dream replay ---------------------------------------------------------------------------------
+    #: which classes the synthetic half of the replay batches holds: ``old`` (the classes of earlier experiences,
+    #: as DR-CPSD's description and this package's REFERENCE.md state it) or *package* ``seen`` (old and current
+    #: classes, drawn after the generator learned the current ones, so the CE on synthetic images covers every
+    #: seen class; issue 13 reports this of the original code's synthetic set).
+    replay_classes: str = "old"
     n_replay_per_class: int = 6000
     replay_epochs: int = 1
     #: *package*: at least this many optimiser steps per replay phase, reached by adding epochs (0: off, the

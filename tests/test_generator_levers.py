@@ -29,6 +29,7 @@ def _flat(module):
     ("generator_replay_weighting", "uniform"), ("generator_distill_source", "cache"), ("replay_draw", "sometimes"),
     ("generator_lr_schedule", "linear"), ("generator_ema_decay", 1.0), ("generator_ema_decay", -0.1),
     ("generator_grad_clip", 0.0), ("generator_teacher_steps", 0), ("generator_warmup_steps", -1),
+    ("replay_classes", "all"), ("generator_first_steps", 1.5),
 ])
 def test_bad_lever_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):

@@ -86,6 +86,18 @@ def test_dream_replay_with_naive_replays_only_after_real_training(mnist_small):
     assert replay.replayed_batches == steps, "one replay epoch = as many paired batches as real batches"
 
 
+def test_replay_classes_seen_draws_old_and_current_classes(mnist_small):
+    log = []
+    replay = DreamReplayPlugin(FakeSource(log), n_replay_per_class=4, batch_real=16, batch_syn=8,
+                               replay_classes="seen", verbose=False)
+    strategy = _naive(MLP(), [replay])
+    strategy.train(mnist_small.train_stream[0])
+    strategy.train(mnist_small.train_stream[1])
+    assert log == [("sample_replay", (0, 1, 2, 3))]
+    with pytest.raises(ValueError, match="replay_classes='all'"):
+        DreamReplayPlugin(FakeSource([]), replay_classes="all")
+
+
 def test_student_starts_as_average_of_teachers(mnist_small):
     model = MLP()
     replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=4, batch_real=16, batch_syn=4, verbose=False)

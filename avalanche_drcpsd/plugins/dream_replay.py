@@ -3,7 +3,8 @@ r"""Dream replay: generative replay of old classes *after* the current experienc
 For experience :math:`t>0`, once the classifier has been trained on the current classes' real data (the *new
 teacher*), the plugin
 
-1. asks its synthetic source for ``n_replay_per_class`` images of every old class;
+1. asks its synthetic source for ``n_replay_per_class`` images of every old class (with
+   ``replay_classes="seen"``, a package option, of every old and current class);
 2. initialises the student as the average of the old teacher (the model after :math:`t-1`) and the new teacher
    (or, with ``student_init="ema"``, :math:`(1-\alpha)\theta_{old}+\alpha\theta_{new}`);
 3. trains it for ``replay_epochs`` over paired batches (``batch_real`` real + ``batch_syn`` synthetic; one epoch
@@ -75,6 +76,7 @@ class DreamReplayPlugin(SupervisedPlugin):
         source: SyntheticSource,
         *,
         n_replay_per_class: int = 6000,
+        replay_classes: str = "old",
         replay_epochs: int = 1,
         min_steps: int = 0,
         batch_real: int = 16,
@@ -95,6 +97,9 @@ class DreamReplayPlugin(SupervisedPlugin):
     ):
         """
         :param source: gives synthetic old-class images (``sample_replay``).
+        :param replay_classes: ``old`` (the reference) draws synthetic images of the old classes only; ``seen``
+            of the old and the current classes (the source must know the current ones by the end of the
+            experience, as :class:`CPSDGeneratorPlugin` placed before this plugin does).
         :param distill: the feature-distillation plugin holding the teachers; a private one (``pi``, split
             targets, not active during ordinary training) when None.
         :param min_steps: *package*: run at least this many optimiser steps per replay phase, by adding epochs
@@ -111,6 +116,9 @@ class DreamReplayPlugin(SupervisedPlugin):
         :param syn_transform: applied to synthetic batches (e.g. the benchmark's normalisation).
         """
         super().__init__()
+        if replay_classes not in ("old", "seen"):
+            raise ValueError(f"replay_classes={replay_classes!r}; expected 'old' or 'seen'")
+        self.replay_classes = replay_classes
         if student_init not in ("average", "ema"):
             raise ValueError(f"student_init={student_init!r}; expected 'average' or 'ema'")
         for name, v in (("n_replay_per_class", n_replay_per_class), ("replay_epochs", replay_epochs),
@@ -155,7 +163,8 @@ class DreamReplayPlugin(SupervisedPlugin):
 
     @classmethod
     def from_config(cls, source: SyntheticSource, config, **kwargs) -> "DreamReplayPlugin":
-        return cls(source, n_replay_per_class=config.n_replay_per_class, replay_epochs=config.replay_epochs,
+        return cls(source, n_replay_per_class=config.n_replay_per_class, replay_classes=config.replay_classes,
+                   replay_epochs=config.replay_epochs,
                    min_steps=config.replay_min_steps, batch_real=config.replay_batch_real,
                    batch_syn=config.replay_batch_syn, kappa=config.kappa,
                    kappa_schedule=config.kappa_schedule, pi=config.pi, student_init=config.student_init, ema_alpha=config.ema_alpha,
@@ -171,7 +180,8 @@ class DreamReplayPlugin(SupervisedPlugin):
         self.seen_classes.update(int(c) for c in strategy.experience.classes_in_this_experience)
         if not old_classes or self.distill.old_teacher is None:
             return
-        x_syn, y_syn = self.source.sample_replay(old_classes, self.n_replay_per_class)
+        drawn = old_classes if self.replay_classes == "old" else sorted(self.seen_classes)
+        x_syn, y_syn = self.source.sample_replay(drawn, self.n_replay_per_class)
         with self.timer("replay", strategy.experience.current_experience):
             self.replay(strategy, x_syn, y_syn, old_classes)
 

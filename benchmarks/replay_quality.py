@@ -1,0 +1,167 @@
+"""The classifier side of DR-CPSD alone: dream replay from fixed synthetic sets, in seconds per run.
+
+    python benchmarks/replay_quality.py --sets results/generator/default/profile_sets.pt --variants base,seen --seeds 0,1,2
+
+``benchmarks/generator_quality.py`` measures the generator and saves the last replay set it drew
+(``<variant>_sets.pt``: 8-bit images of every class, as the synthetic cache keeps them). This benchmark trains the
+classifier continually on the same benchmark with the real ``DRCPSD`` strategy whose generator is replaced by those
+sets (:class:`KeptSets`): the classifier phase, the averaged student, the isolation loss and the teachers'
+distillation are the package's own code, only the generator phase is skipped. With ``replay_draw="once"`` a run's
+replay sets are exactly such fixed sets, so the accuracy here is what DR-CPSD would reach with that generator; with
+``redraw`` it is an upper bound (no drift after a class is learned).
+
+Variants (``benchmarks/replay_variants.json``) set ``DRCPSDConfig`` fields, and ``ExperimentConfig`` fields under
+``"_experiment"``, on top of the sets' benchmark recipe (the main job's for ``default``, else the CPU profile).
+Each run appends one row to ``<out>/<benchmark>/ablation.csv``: variant, seed, final average accuracy, the
+accuracy of each experience's classes after the last one, replay seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import replace
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from avalanche_drcpsd.compare import profile_config
+from avalanche_drcpsd.data import make_benchmark
+from avalanche_drcpsd.models import make_classifier
+from avalanche_drcpsd.run import default_experiment
+from avalanche_drcpsd.strategy import DRCPSD
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VARIANTS_FILE = os.path.join(HERE, "replay_variants.json")
+FIELDS = ["sets", "variant", "seed", "final_average_accuracy", "per_experience", "replay_s", "wall_s", "overrides"]
+
+
+class KeptSets:
+    """A :class:`~avalanche_drcpsd.plugins.dream_replay.SyntheticSource` of fixed per-class images: the first
+    ``n_per_class`` saved images of each class asked for."""
+
+    def __init__(self, images: Tensor, labels: Tensor):
+        if images.dtype != torch.uint8 or images.dim() != 4 or labels.shape != (images.shape[0],):
+            raise ValueError(f"images {tuple(images.shape)} {images.dtype} and labels {tuple(labels.shape)}: "
+                             "expected (N, C, H, W) uint8 and (N,)")
+        self.sets = {int(k): images[labels == k] for k in labels.unique().tolist()}
+
+    def sample_replay(self, classes: Sequence[int], n_per_class: int) -> Tuple[Tensor, Tensor]:
+        short = {k: len(self.sets.get(int(k), ())) for k in classes if len(self.sets.get(int(k), ())) < n_per_class}
+        if short:
+            raise ValueError(f"n_replay_per_class={n_per_class}, but the saved sets hold only {short} "
+                             "images of these classes")
+        x = torch.cat([self.sets[int(k)][:n_per_class].float() / 255 for k in classes])
+        y = torch.cat([torch.full((n_per_class,), int(k), dtype=torch.long) for k in classes])
+        return x, y
+
+
+def load_variants(path: str = VARIANTS_FILE) -> Dict[str, Dict[str, Any]]:
+    with open(path, "r", encoding="utf-8") as fh:
+        return {k: v for k, v in json.load(fh).items() if not k.startswith("_")}
+
+
+def run_one(sets: Dict[str, Any], overrides: Dict[str, Any], *, seed: int, data_root: str,
+            verbose: bool = False) -> Dict[str, Any]:
+    """One continual run of the classifier side on ``sets``; returns the final and per-experience accuracies."""
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    overrides = dict(overrides)
+    top = overrides.pop("_experiment", {})
+    name = sets["benchmark"]
+    exp = default_experiment() if name == "default" else profile_config(
+        name, "cpu", data_root, experiments=os.path.join(HERE, "..", "experiments"))
+    exp = replace(exp, seed=seed, **top)
+    cfg = exp.drcpsd.replace(**overrides, seed=seed, gap_samples_per_class=0)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    benchmark = make_benchmark(exp.benchmark, exp.data_root, seed=seed, **exp.benchmark_args)
+    spec = benchmark.spec
+    model = make_classifier(exp.classifier, num_classes=spec.num_classes, image_shape=spec.image_shape)
+    strategy = DRCPSD(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=exp.lr, momentum=exp.momentum),
+                      config=cfg, class_names=benchmark.class_names, verbose=verbose,
+                      train_mb_size=exp.train_mb_size, train_epochs=exp.train_epochs, eval_mb_size=exp.eval_mb_size,
+                      evaluator=EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[]))
+    # the generator phases are skipped: dream replay draws from the saved sets
+    strategy.plugins.remove(strategy.generator_plugin)
+    strategy.replay_plugin.source = KeptSets(sets["images"], sets["labels"])
+    t0 = time.perf_counter()
+    for experience in benchmark.train_stream:
+        strategy.train(experience)
+    results = strategy.eval(benchmark.test_stream)
+    per = [round(results[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{e:03d}"], 4)
+           for e in range(len(benchmark.test_stream))]
+    return {"final_average_accuracy": round(results["Top1_Acc_Stream/eval_phase/test_stream/Task000"], 4),
+            "per_experience": json.dumps(per), "replay_s": round(strategy.timer.total("replay"), 1),
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def append_row(path: str, row: Dict[str, Any]) -> None:
+    new = not os.path.isfile(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", required=True, help="a <variant>_sets.pt of benchmarks/generator_quality.py")
+    parser.add_argument("--variants", default="base", help="comma-separated names of replay_variants.json")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="an extra DRCPSDConfig field for every variant (the variant is named with it)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--out", default="results/replay")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    variants = load_variants()
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in variants]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; expected some of {sorted(variants)}")
+    extra: Dict[str, Any] = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--set {item!r}: expected FIELD=JSON, e.g. replay_epochs=5")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
+    if not os.path.isfile(args.sets):
+        parser.error(f"--sets {args.sets!r} does not exist; benchmarks/generator_quality.py writes <variant>_sets.pt")
+    sets = torch.load(args.sets, map_location="cpu", weights_only=True)
+    label = os.path.splitext(os.path.basename(args.sets))[0].removesuffix("_sets")
+    out = os.path.join(args.out, sets["benchmark"], "ablation.csv")
+    for v in names:
+        overrides = {**variants[v], **extra}
+        name = v + "".join(f"+{item}" for item in sorted(args.set))
+        accs: List[float] = []
+        for seed in seeds:
+            row = run_one(sets, overrides, seed=seed, data_root=args.data_root)
+            row = {"sets": label, "variant": name, "seed": seed, **row, "overrides": json.dumps(overrides, sort_keys=True)}
+            append_row(out, row)
+            accs.append(row["final_average_accuracy"])
+            print(f"[{label} / {name} / seed {seed}] {row['final_average_accuracy']:.3f} {row['per_experience']} "
+                  f"replay {row['replay_s']} s", flush=True)
+        print(f"[{label} / {name}] mean {np.mean(accs):.3f} +- {np.std(accs):.3f} over {len(seeds)} seed(s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
