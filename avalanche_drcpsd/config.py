@@ -148,7 +148,7 @@ class DRCPSDConfig:
     #: which classes the synthetic half of the replay batches holds: ``old`` (the classes of earlier experiences,
     #: as DR-CPSD's description and this package's REFERENCE.md state it) or *package* ``seen`` (old and current
     #: classes, drawn after the generator learned the current ones, so the CE on synthetic images covers every
-    #: seen class; issue 13 reports this of the original code's synthetic set).
+    #: seen class: the original code's ``--shared_gen_replay`` mode, README's parameter table).
     replay_classes: str = "old"
     n_replay_per_class: int = 6000
     replay_epochs: int = 1
