@@ -40,6 +40,7 @@ _CHOICES = {
     "generator_distill_source": ("pool", "fresh"),
     "replay_draw": ("redraw", "once"),
     "replay_classes": ("old", "seen"),
+    "replay_filter": ("none", "teacher"),
 }
 
 
@@ -150,6 +151,10 @@ class DRCPSDConfig:
     #: classes, drawn after the generator learned the current ones, so the CE on synthetic images covers every
     #: seen class: the original code's ``--shared_gen_replay`` mode, README's parameter table).
     replay_classes: str = "old"
+    #: *package*: ``teacher`` drops each synthetic image that its teacher does not assign to its class (the old
+    #: teacher judges old classes, the new teacher, trained on the current real data, current ones) before
+    #: replay; a class none of whose images survive keeps them all. ``none``: every image is replayed.
+    replay_filter: str = "none"
     n_replay_per_class: int = 6000
     replay_epochs: int = 1
     #: *package*: at least this many optimiser steps per replay phase, reached by adding epochs (0: off, the

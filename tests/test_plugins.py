@@ -98,6 +98,36 @@ def test_replay_classes_seen_draws_old_and_current_classes(mnist_small):
         DreamReplayPlugin(FakeSource([]), replay_classes="all")
 
 
+class PixelReader(nn.Module):
+    """A 'teacher' whose prediction is the class written in the first pixel (class / 10)."""
+
+    def forward(self, x):
+        return nn.functional.one_hot((x[:, 0, 0, 0] * 10).round().long(), 10).float()
+
+
+def test_teacher_filter_drops_misassigned_images_and_keeps_a_class_none_of_whose_pass():
+    replay = DreamReplayPlugin(FakeSource([]), replay_filter="teacher", verbose=False)
+    replay.distill.old_teacher = PixelReader()
+    replay.distill.new_teacher = PixelReader()
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    predicted = torch.tensor([0, 1, 1, 1, 2, 0, 0, 0])
+    x = (predicted.float() / 10).view(-1, 1, 1, 1).expand(-1, 1, 28, 28)
+    xf, yf, kept = replay.filter_by_teachers(x, y, old_classes=[0, 1], device="cpu")
+    assert yf.tolist() == [0, 1, 1, 2, 3, 3], "image 1 (a 0 read as 1) and image 5 (a 2 read as 0) are dropped"
+    assert kept == pytest.approx(6 / 8)
+    with pytest.raises(ValueError, match="replay_filter='old'"):
+        DreamReplayPlugin(FakeSource([]), replay_filter="old")
+
+
+def test_teacher_filter_runs_in_replay_and_reports_the_kept_share(mnist_small):
+    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=4, batch_real=16, batch_syn=8,
+                               replay_filter="teacher", verbose=False)
+    strategy = _naive(MLP(), [replay])
+    strategy.train(mnist_small.train_stream[0])
+    strategy.train(mnist_small.train_stream[1])
+    assert 0 < replay.stats[1]["filter_kept"] <= 1
+
+
 def test_student_starts_as_average_of_teachers(mnist_small):
     model = MLP()
     replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=4, batch_real=16, batch_syn=4, verbose=False)

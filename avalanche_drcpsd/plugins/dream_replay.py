@@ -77,6 +77,7 @@ class DreamReplayPlugin(SupervisedPlugin):
         *,
         n_replay_per_class: int = 6000,
         replay_classes: str = "old",
+        replay_filter: str = "none",
         replay_epochs: int = 1,
         min_steps: int = 0,
         batch_real: int = 16,
@@ -100,6 +101,9 @@ class DreamReplayPlugin(SupervisedPlugin):
         :param replay_classes: ``old`` (the reference) draws synthetic images of the old classes only; ``seen``
             of the old and the current classes (the source must know the current ones by the end of the
             experience, as :class:`CPSDGeneratorPlugin` placed before this plugin does).
+        :param replay_filter: ``teacher`` drops the synthetic images their teacher misclassifies (old classes: the
+            old teacher; current classes: the new teacher), keeping a class whole when none would survive; the kept
+            share is ``stats[experience]["filter_kept"]``. ``none`` (the reference) keeps every image.
         :param distill: the feature-distillation plugin holding the teachers; a private one (``pi``, split
             targets, not active during ordinary training) when None.
         :param min_steps: *package*: run at least this many optimiser steps per replay phase, by adding epochs
@@ -119,6 +123,9 @@ class DreamReplayPlugin(SupervisedPlugin):
         if replay_classes not in ("old", "seen"):
             raise ValueError(f"replay_classes={replay_classes!r}; expected 'old' or 'seen'")
         self.replay_classes = replay_classes
+        if replay_filter not in ("none", "teacher"):
+            raise ValueError(f"replay_filter={replay_filter!r}; expected 'none' or 'teacher'")
+        self.replay_filter = replay_filter
         if student_init not in ("average", "ema"):
             raise ValueError(f"student_init={student_init!r}; expected 'average' or 'ema'")
         for name, v in (("n_replay_per_class", n_replay_per_class), ("replay_epochs", replay_epochs),
@@ -164,6 +171,7 @@ class DreamReplayPlugin(SupervisedPlugin):
     @classmethod
     def from_config(cls, source: SyntheticSource, config, **kwargs) -> "DreamReplayPlugin":
         return cls(source, n_replay_per_class=config.n_replay_per_class, replay_classes=config.replay_classes,
+                   replay_filter=config.replay_filter,
                    replay_epochs=config.replay_epochs,
                    min_steps=config.replay_min_steps, batch_real=config.replay_batch_real,
                    batch_syn=config.replay_batch_syn, kappa=config.kappa,
@@ -199,6 +207,9 @@ class DreamReplayPlugin(SupervisedPlugin):
         model = strategy.model
         device = strategy.device
         self.distill.set_new_teacher(model)
+        kept = None
+        if self.replay_filter == "teacher":
+            x_syn, y_syn, kept = self.filter_by_teachers(x_syn, y_syn, old_classes, device)
         model.load_state_dict(interpolate_state_dicts(
             self.distill.old_teacher.state_dict(), self.distill.new_teacher.state_dict(), self.alpha))
         model.train()
@@ -249,9 +260,30 @@ class DreamReplayPlugin(SupervisedPlugin):
         bar.close()
         self.stats[exp] = {f"{k}_{name}": agg(v) for k, v in trace.items()
                            for name, agg in (("mean", lambda v: sum(v) / len(v)), ("max", max))}
+        if kept is not None:
+            self.stats[exp]["filter_kept"] = kept
         for key, value in self.stats[exp].items():
             strategy.evaluator.publish_metric_value(
                 MetricValue(self, f"Replay/{key}/Exp{exp:03d}", value, strategy.clock.train_iterations))
+
+    @torch.no_grad()
+    def filter_by_teachers(self, x_syn: Tensor, y_syn: Tensor, old_classes: Sequence[int],
+                           device) -> Tuple[Tensor, Tensor, float]:
+        """The synthetic images their teacher assigns to their class (old classes: the old teacher, the others:
+        the new teacher), every image of a class none of whose images pass, and the share kept."""
+        old = torch.isin(y_syn, torch.tensor(list(old_classes), dtype=y_syn.dtype))
+        keep = torch.zeros(len(y_syn), dtype=torch.bool)
+        for teacher, mask in ((self.distill.old_teacher, old), (self.distill.new_teacher, ~old)):
+            index = torch.nonzero(mask).flatten()
+            for chunk in index.split(512):
+                xs = x_syn[chunk].to(device)
+                if self.syn_transform is not None:
+                    xs = self.syn_transform(xs)
+                keep[chunk] = teacher(xs).argmax(1).cpu() == y_syn[chunk]
+        for k in y_syn.unique():
+            if not keep[y_syn == k].any():
+                keep[y_syn == k] = True
+        return x_syn[keep], y_syn[keep], float(keep.float().mean())
 
     def _make_optimizer(self, strategy) -> torch.optim.Optimizer:
         """A fresh optimiser of the strategy's class and settings on the student (lr overridable)."""
