@@ -182,6 +182,18 @@ def upsert_ablation(path: str, row: Dict[str, Any]) -> None:
     atomic_write_csv(path, rows)
 
 
+def parse_sets(parser: argparse.ArgumentParser, items: List[str], *, example: str) -> Dict[str, Any]:
+    """``--set FIELD=JSON`` options as a dict (a parser error names the bad item)."""
+    extra: Dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--set {item!r}: expected FIELD=JSON, e.g. {example}")
+    return extra
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmark", default="split_mnist",
@@ -205,13 +217,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = load_variants()
-    extra: Dict[str, Any] = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            extra[key] = json.loads(value)
-        except json.JSONDecodeError:
-            parser.error(f"--set {item!r}: expected FIELD=JSON, e.g. generator_steps=300")
+    extra = parse_sets(parser, args.set, example="generator_steps=300")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in variants]
     if unknown:

@@ -38,6 +38,9 @@ from avalanche_drcpsd.models import make_classifier
 from avalanche_drcpsd.run import default_experiment
 from avalanche_drcpsd.strategy import DRCPSD
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from generator_quality import parse_sets  # noqa: E402  (a sibling script)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS_FILE = os.path.join(HERE, "replay_variants.json")
 FIELDS = ["sets", "variant", "seed", "final_average_accuracy", "per_experience", "replay_s", "wall_s", "overrides"]
@@ -132,13 +135,7 @@ def main(argv=None) -> int:
     unknown = [v for v in names if v not in variants]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; expected some of {sorted(variants)}")
-    extra: Dict[str, Any] = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            extra[key] = json.loads(value)
-        except json.JSONDecodeError:
-            parser.error(f"--set {item!r}: expected FIELD=JSON, e.g. replay_epochs=5")
+    extra = parse_sets(parser, args.set, example="replay_epochs=5")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:

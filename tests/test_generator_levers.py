@@ -21,6 +21,19 @@ def _plugin(**overrides):
     return CPSDGeneratorPlugin(tiny_config(**overrides), verbose=False)
 
 
+def _batch_sizes(plugin, monkeypatch):
+    """The batch size of every later call of the plugin's generator (the teacher is a copy: not counted)."""
+    sizes = []
+    original = plugin.generator.predict_noise
+
+    def spy(z, t, cond):
+        sizes.append(z.shape[0])
+        return original(z, t, cond)
+
+    monkeypatch.setattr(plugin.generator, "predict_noise", spy)
+    return sizes
+
+
 def _flat(module):
     return torch.cat([p.detach().flatten() for p in module.parameters()])
 
@@ -58,14 +71,7 @@ def test_balanced_batches_hold_each_class_share(mnist_small, monkeypatch, one_th
     plugin = _plugin(generator_replay_weighting="balanced", generator_steps=2)
     plugin.learn_classes(*_exp_tensors(mnist_small, 0))
     plugin.begin_experience(1)
-    sizes = []
-    original = plugin.generator.predict_noise
-
-    def spy(z, t, cond):
-        sizes.append(z.shape[0])
-        return original(z, t, cond)
-
-    monkeypatch.setattr(plugin.generator, "predict_noise", spy)
+    sizes = _batch_sizes(plugin, monkeypatch)
     plugin.learn_classes(*_exp_tensors(mnist_small, 1))
     # per step: the student on 8 real, the teacher (a copy, not spied) and the student on 8 replay images
     assert sizes[:4] == [8, 8, 8, 8]
@@ -85,14 +91,7 @@ def test_zero_distillation_weight_builds_no_teacher_and_trains_on_whole_real_bat
         raise AssertionError("a teacher was built for a zero distillation weight")
 
     monkeypatch.setattr(gp_module, "frozen_copy", no_teacher)
-    sizes = []
-    original = plugin.generator.predict_noise
-
-    def spy(z, t, cond):
-        sizes.append(z.shape[0])
-        return original(z, t, cond)
-
-    monkeypatch.setattr(plugin.generator, "predict_noise", spy)
+    sizes = _batch_sizes(plugin, monkeypatch)
     x, y = _exp_tensors(mnist_small, 1)
     cond_new = {int(k): plugin.text_encoder.encode([plugin.prompt(int(k))])[0] for k in y.unique()}
     plugin.train_generator(x, y, cond_new)
