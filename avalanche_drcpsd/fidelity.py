@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .models import SmallCNN
+from .synthetic_cache import to_uint8
 from .utils import atomic_write
 
 __all__ = ["EXTRACTOR_NAME", "train_feature_extractor", "classification_accuracy_score", "fid_kid", "FidelityError"]
@@ -176,7 +177,7 @@ class _Uint8Images(Dataset):
     """[0, 1] float images -> uint8 RGB tensors, torch-fidelity's input convention."""
 
     def __init__(self, images: Tensor):
-        x = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+        x = to_uint8(images)
         self.x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
     def __len__(self) -> int:

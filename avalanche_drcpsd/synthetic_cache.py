@@ -104,10 +104,11 @@ def generator_identity(generator: nn.Module) -> Dict[str, Any]:
 
 def quantize(images: Tensor) -> Tensor:
     """Images in [0, 1] -> the 8-bit levels a PNG stores, as float32 in [0, 1]."""
-    return _to_uint8(images).float() / 255.0
+    return to_uint8(images).float() / 255.0
 
 
-def _to_uint8(images: Tensor) -> Tensor:
+def to_uint8(images: Tensor) -> Tensor:
+    """Images in [0, 1] -> uint8 levels on the CPU (values clamped, rounded to the nearest level)."""
     return (images.detach().float().cpu().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
 
 
@@ -235,7 +236,7 @@ class SyntheticCache:
             raise SyntheticCacheError(f"cannot cache images of shape {tuple(images.shape)} with "
                                       f"{tuple(labels.shape)} labels as image_shape {shape} (C must be 1 or 3)")
         task_dir = self.task_dir(task)
-        pixels = _to_uint8(images)
+        pixels = to_uint8(images)
         files: List[Dict[str, Any]] = []
         written = set()
         current = task_dir

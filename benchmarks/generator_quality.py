@@ -48,6 +48,7 @@ from avalanche_drcpsd.data import make_benchmark  # noqa: E402
 from avalanche_drcpsd.fidelity import classification_accuracy_score, fid_kid  # noqa: E402
 from avalanche_drcpsd.plugins.generator import CPSDGeneratorPlugin  # noqa: E402
 from avalanche_drcpsd.run import _image_grid, default_experiment  # noqa: E402
+from avalanche_drcpsd.synthetic_cache import to_uint8  # noqa: E402
 from avalanche_drcpsd.utils import atomic_write, atomic_write_csv, atomic_write_text, dataset_tensors  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -116,7 +117,7 @@ def run_variant(benchmark_name: str, variant: str, overrides: Dict[str, Any], *,
         print(f"[{name}] exp {e}: mean CAS {mean:.3f}, min {min(cas.values()):.3f}, FID {fk['fid']:.1f}, "
               + ", ".join(f"{p} {v:.0f}s" for p, v in phase.items()), flush=True)
     # the last replay set (8-bit, as the synthetic cache keeps it): the input of benchmarks/replay_quality.py
-    sets = {"images": (xs.clamp(0, 1) * 255).round().to(torch.uint8), "labels": ys,
+    sets = {"images": to_uint8(xs), "labels": ys,
             "benchmark": benchmark_name, "variant": name, "seed": seed, "config": config.to_dict()}
     atomic_write(os.path.join(folder, f"{name}_sets.pt"), lambda tmp: torch.save(sets, tmp))
     atomic_write_csv(os.path.join(folder, f"{name}.csv"), rows)

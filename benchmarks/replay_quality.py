@@ -38,10 +38,10 @@ from avalanche_drcpsd.models import make_classifier
 from avalanche_drcpsd.run import default_experiment
 from avalanche_drcpsd.strategy import DRCPSD
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generator_quality import parse_sets  # noqa: E402  (a sibling script)
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from generator_quality import load_variants, parse_sets  # noqa: E402  (a sibling script)
+
 VARIANTS_FILE = os.path.join(HERE, "replay_variants.json")
 FIELDS = ["sets", "variant", "seed", "final_average_accuracy", "per_experience", "replay_s", "wall_s", "overrides"]
 
@@ -64,11 +64,6 @@ class KeptSets:
         x = torch.cat([self.sets[int(k)][:n_per_class].float() / 255 for k in classes])
         y = torch.cat([torch.full((n_per_class,), int(k), dtype=torch.long) for k in classes])
         return x, y
-
-
-def load_variants(path: str = VARIANTS_FILE) -> Dict[str, Dict[str, Any]]:
-    with open(path, "r", encoding="utf-8") as fh:
-        return {k: v for k, v in json.load(fh).items() if not k.startswith("_")}
 
 
 def run_one(sets: Dict[str, Any], overrides: Dict[str, Any], *, seed: int, data_root: str,
@@ -130,7 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    variants = load_variants()
+    variants = load_variants(VARIANTS_FILE)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in variants]
     if unknown:

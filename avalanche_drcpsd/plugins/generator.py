@@ -38,7 +38,7 @@ from ..config import DRCPSDConfig
 from ..cpsd import EmbeddingBuffer, train_cpsd_projection
 from ..generator import DiffusionGenerator
 from ..losses import generative_distillation_loss, ldm_loss
-from ..synthetic_cache import SyntheticCache, generator_identity, tensor_sha256
+from ..synthetic_cache import SyntheticCache, generator_identity, tensor_sha256, to_uint8
 from ..text_encoders import TextEncoder, TextEncoderError, load_text_encoder
 from ..utils import PhaseTimer, dataset_tensors, frozen_copy
 
@@ -211,7 +211,7 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         if missing:
             x, y = self._draw(missing, n_per_class)
             for k in missing:
-                self.kept[k] = (x[y == k].clamp(0, 1) * 255).round().to(torch.uint8)
+                self.kept[k] = to_uint8(x[y == k])
         x = torch.cat([self.kept[k].float() / 255 for k in classes])
         y = torch.cat([torch.full((len(self.kept[k]),), k, dtype=torch.long) for k in classes])
         return x, y
