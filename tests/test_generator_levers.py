@@ -42,7 +42,7 @@ def _flat(module):
     ("generator_replay_weighting", "uniform"), ("generator_distill_source", "cache"), ("replay_draw", "sometimes"),
     ("generator_lr_schedule", "linear"), ("generator_ema_decay", 1.0), ("generator_ema_decay", -0.1),
     ("generator_grad_clip", 0.0), ("generator_teacher_steps", 0), ("generator_warmup_steps", -1),
-    ("replay_classes", "all"), ("generator_first_steps", 1.5),
+    ("replay_classes", "all"), ("generator_first_steps", 1.5), ("generator_memory_format", "nhwc"),
 ])
 def test_bad_lever_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
@@ -239,3 +239,24 @@ def test_cas_rejects_mismatched_shapes():
     with pytest.raises(FidelityError, match="same"):
         classification_accuracy_score(torch.rand(4, 1, 28, 28), torch.arange(4), torch.rand(4, 3, 28, 28),
                                       torch.arange(4))
+
+
+def test_channels_last_generator_trains_the_same_model_in_nhwc(mnist_small, one_thread, tmp_path):
+    """generator_memory_format="channels_last" stores the UNet's convolution weights NHWC through training (and
+    with its EMA on); the trained values are those of the contiguous run up to float
+    rounding, and the saved generator loads as an ordinary one."""
+    from avalanche_drcpsd.generator import DiffusionGenerator
+
+    trained = {}
+    for fmt in ("contiguous", "channels_last"):
+        plugin = _plugin(generator_memory_format=fmt, generator_steps=3, generator_ema_decay=0.9)
+        plugin.learn_classes(*_exp_tensors(mnist_small, 0))
+        convs = [m.weight for m in plugin.generator.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+        nhwc = [w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs
+                if w.shape[2:] != (1, 1)]
+        assert nhwc and all(nhwc) == (fmt == "channels_last")
+        trained[fmt] = plugin.generator
+    torch.testing.assert_close(_flat(trained["channels_last"]), _flat(trained["contiguous"]), rtol=1e-3, atol=1e-4)
+    trained["channels_last"].save_pretrained(tmp_path / "gen")
+    loaded = DiffusionGenerator.from_pretrained(tmp_path / "gen")
+    torch.testing.assert_close(_flat(loaded), _flat(trained["channels_last"]), rtol=0, atol=0)

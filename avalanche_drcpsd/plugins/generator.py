@@ -142,6 +142,8 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
                     attention_head_dim=c.unet_attention_head_dim, patch_size=c.patch_size,
                     num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
                 ).to(c.device)
+        if self.config.generator_memory_format == "channels_last":
+            self.generator.unet.to(memory_format=torch.channels_last)  # a no-op once it is
         return self.generator
 
     def prompt(self, cls: int) -> str:
