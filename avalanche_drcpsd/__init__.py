@@ -6,7 +6,7 @@ from .generator import DiffusionGenerator
 from .logging import MetricsCSVLogger
 from .sd import StableDiffusionGenerator, load_generator
 from .synthetic_cache import SyntheticCache
-from .plugins import CPSDGeneratorPlugin, DistillPlugin, DreamReplayPlugin, MMDPlugin
+from .plugins import CPSDGeneratorPlugin, DistillPlugin, DreamReplayPlugin, MMDPlugin, SeenClassMaskPlugin
 from .strategy import DRCPSD
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "DreamReplayPlugin",
     "MMDPlugin",
     "DistillPlugin",
+    "SeenClassMaskPlugin",
     "DiffusionGenerator",
     "CPSDProjection",
     "EmbeddingBuffer",

@@ -19,7 +19,7 @@ import string
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Tuple, Union
 
-__all__ = ["ConfigError", "DRCPSDConfig", "check_prompt_template"]
+__all__ = ["ConfigError", "DRCPSDConfig", "check_prompt_template", "REFERENCE", "PRESETS"]
 
 
 class ConfigError(ValueError):
@@ -28,7 +28,14 @@ class ConfigError(ValueError):
 
 _CHOICES = {
     "generator": ("unet", "stable_diffusion"),
-    "projection": ("token", "hidden"),
+    "projection": ("token", "hidden", "reference"),
+    "cpsd_augment": ("none", "reference"),
+    "replay_augment": ("none", "reference"),
+    "replay_epoch_length": ("longer", "shorter"),
+    "student_bn": ("average", "new"),
+    "logit_mask": ("none", "seen"),
+    "teacher_mode": ("eval", "student"),
+    "replay_optimizer": ("fresh", "continue"),
     "mmd_kind": ("mean", "gaussian"),
     "sampler": ("dpm", "ddim"),
     "student_init": ("average", "ema"),
@@ -45,6 +52,45 @@ _CHOICES = {
 }
 
 
+#: What the original DR-CPSD code sets (isaacNingLee/CPSD at 769e79b, read line by line on 2026-12-02: its
+#: ``main.py``, ``manager/manager.py``, ``backbone/backbone.py``, ``backbone/train.py``, ``cpsd/train_cpsd.py``,
+#: ``cpsd/cpsd.py`` and ``scripts/run_cifar10.sh``, the CIFAR-10 run: the ``anneal`` trainer with
+#: ``--anti_discrim --shared_gen_replay``, 6000 images per class). Every field with a counterpart there; the
+#: fields of the offline generator's training (``generator_*``, ``unet_*``, ``patch_size``, ...) have none, since
+#: the original samples a frozen Stable Diffusion, and keep their defaults. How the code was read where it does
+#: not run as written:
+#:
+#: * ``cpsd_lr``: ``learning_rate`` is assigned only under ``--cpsd_scale_lr`` (1e-4 x batch 4 = 4e-4); without it
+#:   ``cpsd/train_cpsd.py`` stops with an ``UnboundLocalError`` (l. 202-218).
+#: * ``--method=cpsd`` builds ``CosineContrastiveLoss``, whose class is commented out (l. 89-118, 358): the loss is
+#:   read as the min-SNR LDM loss plus 0.003 x the batch-sum match (l. 403-423), the terms that do run; the
+#:   contrastive term is off by default (``--cpsd_contrastive_loss``).
+#: * Its CIFAR scripts pass ``--method=ti`` or ``sd``, not ``cpsd``; the preset is the CPSD method (the paper's),
+#:   with the replay and classifier settings of ``run_cifar10.sh``.
+#:
+#: Not options here, so still differences (README, "What the original code does"): prompts with per-image BLIP-2
+#: captions; the guidance scale drawn once per generation batch (here per image); VAE latents sampled (here the
+#: posterior mean); its classifier's own recipe (ResNet-18, SGD lr 0.1 without momentum), which is the
+#: strategy's, not this config's; and its bugs (duplicate file names halve the synthetic set, ``manager.py`` l.
+#: 598-605).
+REFERENCE: Dict[str, Any] = {
+    "prompt_template": "{}",  # the class name (plus a BLIP-2 caption, not available offline)
+    "projection": "reference", "cpsd_epochs": 1, "cpsd_lr": 4e-4, "cpsd_weight_decay": 0.01, "cpsd_batch_size": 4,
+    "cpsd_max_images_per_class": None, "cpsd_augment": "reference", "lambda_mmd": 0.003, "mmd_kind": "mean",
+    "snr_gamma": 5.0, "cpsd_order": "before_generator",
+    "sampler": "dpm", "sampling_steps": 20, "guidance_scale": (5.0, 9.0),
+    "replay_draw": "once", "replay_classes": "seen", "replay_filter": "none", "n_replay_per_class": 6000,
+    "replay_augment": "reference", "replay_epochs": 1, "replay_epoch_length": "shorter", "replay_min_steps": 0,
+    "replay_batch_real": 16, "replay_batch_syn": 16, "replay_lr": None, "replay_optimizer": "continue",
+    "replay_grad_clip": None, "kappa": 0.05, "kappa_schedule": "constant", "pi": 0.5, "distill_old_weight": 0.5,
+    "distill_targets": "both", "replay_kd_weight": 0.0, "student_init": "average", "student_bn": "new",
+    "replay_step_ema": None, "logit_mask": "seen", "teacher_mode": "student",
+}
+
+#: named starting points for :meth:`DRCPSDConfig.from_dict` (``"preset": "<name>"``)
+PRESETS: Dict[str, Dict[str, Any]] = {"reference": REFERENCE}
+
+
 @dataclass
 class DRCPSDConfig:
     """Hyper-parameters of DR-CPSD (strategy-level knobs such as epochs and batch size stay on the strategy).
@@ -55,11 +101,21 @@ class DRCPSDConfig:
 
     # --- CPSD embedding -------------------------------------------------------------------------------
     prompt_template: str = "a photo of a {}"
-    #: ``token``: Linear(L, L) across the token positions (reference); ``hidden``: Linear(D, D) per token.
+    #: ``token``: Linear(L, L) across the token positions (the paper's description); ``hidden``: Linear(D, D) per
+    #: token; ``reference``: the original code's ``Linear(77, 77)`` on ``h.reshape(-1, 77)``, runs of 77
+    #: consecutive hidden values (:class:`~avalanche_drcpsd.cpsd.CPSDProjection`).
     projection: str = "token"
     cpsd_epochs: int = 1
+    #: AdamW learning rate of the projection. The original code's is ``--cpsd_learning_rate`` (1e-4) times the
+    #: batch size (4) under ``--cpsd_scale_lr``, 4e-4; without that flag its ``learning_rate`` is never assigned and
+    #: training stops with an error (``cpsd/train_cpsd.py`` l. 202-218 at 769e79b), so 4e-4 is how it runs.
     cpsd_lr: float = 1e-4
+    #: AdamW weight decay of the projection (the original code: 0.01).
+    cpsd_weight_decay: float = 0.0
     cpsd_batch_size: int = 4
+    #: ``reference``: the original code's CPSD training augmentation (random resized crop of 60-100% of the area,
+    #: horizontal flip; :func:`~avalanche_drcpsd.cpsd.reference_cpsd_augment`); ``none``: the images as they are.
+    cpsd_augment: str = "none"
     #: *package*: cap on the real images of a class seen by the CPSD phase (None: all of them).
     cpsd_max_images_per_class: Optional[int] = None
     #: lambda in L_CPSD = L_LDM + lambda * L_MMD (Real-Fake, Yuan et al. 2024).
@@ -128,10 +184,10 @@ class DRCPSDConfig:
     #: ``EMAModel`` with warm-up; this is its largest decay; 0: off). At the end of the phase the averaged weights
     #: replace the live ones: they are the weights sampled, saved, and used as the next experience's teacher.
     generator_ema_decay: float = 0.0
-    #: *package*: memory format of the generator's UNet weights (``channels_last``: NHWC, which oneDNN's CPU
-    #: convolutions and cuDNN's tensor cores run faster; the values and the saved files do not change). On this
-    #: project's 2-core CPU a training step of the CPU profiles' UNet took 8-14% less time
-    #: (``results/generator/README.md``).
+    #: *package*: memory format of the generator's UNet weights (``channels_last``: NHWC, the layout cuDNN's
+    #: tensor cores and oneDNN prefer; the values and the saved files do not change). On this project's 2-core CPU
+    #: a training step of the CPU profiles' UNet took 1.5% less time, within the noise (interleaved steps,
+    #: ``results/generator/README.md``), so the CPU profiles keep ``contiguous``; a GPU figure is owed.
     generator_memory_format: str = "contiguous"
     #: probability of replacing the condition by the empty prompt's embedding (classifier-free guidance).
     cond_dropout: float = 0.1
@@ -162,7 +218,18 @@ class DRCPSDConfig:
     #: replay; a class none of whose images survive keeps them all. ``none``: every image is replayed.
     replay_filter: str = "none"
     n_replay_per_class: int = 6000
+    #: *package* ``none``: synthetic images replayed as the generator made them; ``reference``: what the original
+    #: code does to them, a JPEG round trip at PIL's default quality 75 when they are drawn (it saves its samples
+    #: as .jpeg) and, in every replay batch, its classifier's training transforms per image (ColorJitter(0.4,
+    #: 0.4, 0.2, 0.1), horizontal flip, random resized crop of 60-100%; ``manager/manager.py`` l. 57-62). The
+    #: original applies the same transforms to its real images; here real images get the benchmark's own train
+    #: transform.
+    replay_augment: str = "none"
     replay_epochs: int = 1
+    #: one replay epoch is ``longer``: as many paired batches as the longer of the two sets (the other cycles), or
+    #: ``shorter``: the original code's ``zip(real, synthetic)`` (``backbone/train.py`` l. 372), which stops with the
+    #: shorter one.
+    replay_epoch_length: str = "longer"
     #: *package*: at least this many optimiser steps per replay phase, reached by adding epochs (0: off, the
     #: reference's fixed ``replay_epochs``). Small experiences need it: one epoch of 13 paired batches left the
     #: averaged student unfitted.
@@ -178,8 +245,11 @@ class DRCPSDConfig:
     #: *package*: ``constant`` (the reference) uses ``kappa`` as is; ``balanced`` uses
     #: ``kappa * |new classes| / |old classes|`` at each experience (:func:`~avalanche_drcpsd.losses.balanced_kappa`).
     kappa_schedule: str = "constant"
-    #: weight of the new teacher in MSE(h_s, h_old) + pi * MSE(h_s, h_new).
+    #: weight of the new teacher in w_old * MSE(h_s, h_old) + pi * MSE(h_s, h_new) (the paper: 1; the original code:
+    #: 0.5, ``backbone/backbone.py`` l. 436, with ``mem_alpha = 0.5``).
     pi: float = 1.0
+    #: weight w_old of the old teacher's term (the paper: 1; the original code: 0.5).
+    distill_old_weight: float = 1.0
     #: ``split``: the old teacher sees the synthetic half, the new teacher the real half; ``both``: each
     #: teacher sees the whole paired batch.
     distill_targets: str = "split"
@@ -189,6 +259,26 @@ class DRCPSDConfig:
     replay_kd_temperature: float = 2.0
     student_init: str = "average"
     ema_alpha: float = 0.1
+    #: BatchNorm running statistics of the initial student: ``average`` of the two teachers' (like the weights)
+    #: or ``new``: the new teacher's, as the original code leaves them (it averages ``parameters()`` only,
+    #: ``backbone/backbone.py`` l. 292-298).
+    student_bn: str = "average"
+    #: per-step EMA of the student during replay, theta <- a * theta_after_step + (1 - a) * theta_before_step with
+    #: this ``a`` (the original code's ``--c_ema``, alpha 0.1, off by default; ``backbone/train.py`` l. 374-388).
+    #: None: off.
+    replay_step_ema: Optional[float] = None
+    #: ``seen``: the classifier's logits of classes not seen yet are masked out (-inf) in training, replay and
+    #: evaluation, as the original code slices ``fc(z)[:, :class_range]`` (``backbone/backbone.py`` l. 257);
+    #: ``none``: every output counts.
+    logit_mask: str = "none"
+    #: mode of the two teachers during replay: ``eval`` (BatchNorm uses its running statistics) or ``student``:
+    #: the student's mode, as in the original code, whose teachers are submodules of the student (train mode:
+    #: batch statistics, and the teachers' running statistics move).
+    teacher_mode: str = "eval"
+    #: ``fresh``: replay gets a new optimiser of the strategy optimiser's class and settings (``replay_lr``);
+    #: ``continue``: the strategy's optimiser itself continues into replay, as in the original code
+    #: (``backbone/train.py`` l. 264-265).
+    replay_optimizer: str = "fresh"
 
     # --- gap metric (MMDPlugin) ------------------------------------------------------------------------
     #: *package*: synthetic and real images per class for the real-vs-synthetic MMD metric (0: off).
@@ -237,7 +327,8 @@ class DRCPSDConfig:
         d = _number("generator_ema_decay", self.generator_ema_decay)
         if not 0.0 <= d < 1.0:
             raise ConfigError(f"generator_ema_decay={d!r} must be in [0, 1) (0: no EMA)")
-        for name in ("lambda_mmd", "generator_distill_weight", "kappa", "pi", "replay_kd_weight"):
+        for name in ("lambda_mmd", "generator_distill_weight", "kappa", "pi", "replay_kd_weight", "distill_old_weight",
+                     "cpsd_weight_decay"):
             _non_negative(name, getattr(self, name))
         for name in ("cond_dropout",):
             v = _number(name, getattr(self, name))
@@ -249,6 +340,13 @@ class DRCPSDConfig:
         a = _number("ema_alpha", self.ema_alpha)
         if not 0.0 < a <= 1.0:
             raise ConfigError(f"ema_alpha={a!r} must be in (0, 1]")
+        if self.replay_step_ema is not None:
+            a = _number("replay_step_ema", self.replay_step_ema)
+            if not 0.0 < a <= 1.0:
+                raise ConfigError(f"replay_step_ema={a!r} must be in (0, 1] or None (off)")
+        if self.replay_optimizer == "continue" and self.replay_lr is not None:
+            raise ConfigError(f"replay_lr={self.replay_lr!r} with replay_optimizer='continue': the continued optimiser "
+                              "keeps its own learning rate; set replay_lr=None or replay_optimizer='fresh'")
         g = self.guidance_scale
         if isinstance(g, tuple):
             if len(g) != 2 or not g[0] <= g[1] or g[0] < 0:
@@ -286,10 +384,24 @@ class DRCPSDConfig:
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
+    def reference(cls, **overrides: Any) -> "DRCPSDConfig":
+        """The original code's settings (:data:`REFERENCE`), then ``overrides``; e.g.
+        ``DRCPSDConfig.reference(generator="stable_diffusion", generator_path="/weights/miniSD")``."""
+        return cls.from_dict({"preset": "reference", **overrides})
+
+    @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "DRCPSDConfig":
-        """Build from a plain dict (JSON); an unknown key raises :class:`ConfigError` listing the valid ones."""
+        """Build from a plain dict (JSON); an unknown key raises :class:`ConfigError` listing the valid ones.
+        ``"preset": "reference"`` starts from :data:`REFERENCE` (the original code's settings) instead of the
+        defaults; the other keys override it."""
         if not isinstance(values, dict):
             raise ConfigError(f"a config must be a JSON object/dict, got {type(values).__name__}")
+        if "preset" in values:
+            values = dict(values)
+            preset = values.pop("preset")
+            if preset not in PRESETS:
+                raise ConfigError(f"preset={preset!r} is not valid; expected one of {list(PRESETS)}")
+            values = {**PRESETS[preset], **values}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

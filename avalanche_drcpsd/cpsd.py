@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,22 +21,32 @@ from torch import Tensor, nn
 from .losses import cpsd_loss
 from .utils import atomic_write
 
-__all__ = ["CPSDProjection", "EmbeddingBuffer", "train_cpsd_projection"]
+__all__ = ["CPSDProjection", "EmbeddingBuffer", "train_cpsd_projection", "PROJECTIONS"]
+
+#: the forms of the projection (:class:`CPSDProjection`)
+PROJECTIONS = ("token", "hidden", "reference")
 
 
 class CPSDProjection(nn.Module):
     r"""Identity-initialised linear map of token states ``(B, L, D)``.
 
-    ``mode="token"`` (reference): :math:`e = W E + b\mathbf{1}^\top` with :math:`W\in\mathbb{R}^{L\times L}`,
-    mixing token positions; ``mode="hidden"``: :math:`e = E W^\top + b` with :math:`W\in\mathbb{R}^{D\times D}`.
+    ``mode="token"`` (the paper's description): :math:`e = W E + b\mathbf{1}^\top` with
+    :math:`W\in\mathbb{R}^{L\times L}`, mixing token positions; ``mode="hidden"``: :math:`e = E W^\top + b` with
+    :math:`W\in\mathbb{R}^{D\times D}`; ``mode="reference"``: what the original code computes
+    (isaacNingLee/CPSD 769e79b, ``cpsd/train_cpsd.py`` l. 380 and ``cpsd/cpsd.py`` l. 78:
+    ``embed_trans(h.reshape(-1, 77)).reshape(h.shape)``): the ``(L, D)`` states are flattened row-major and cut
+    into runs of ``L`` consecutive values, each mapped by the same ``Linear(L, L)``. With CLIP's ``D = 768`` a run
+    is 77 hidden values of one token, or the end of one token and the start of the next; it does not mix token
+    positions. All three start as the identity.
     """
 
     def __init__(self, length: int, hidden_size: int, mode: str = "token"):
         super().__init__()
-        if mode not in ("token", "hidden"):
-            raise ValueError(f"mode={mode!r}; expected 'token' or 'hidden'")
+        if mode not in PROJECTIONS:
+            raise ValueError(f"mode={mode!r}; expected one of {list(PROJECTIONS)}")
         self.mode = mode
-        n = length if mode == "token" else hidden_size
+        self.length = length
+        n = hidden_size if mode == "hidden" else length
         self.linear = nn.Linear(n, n)
         with torch.no_grad():
             self.linear.weight.copy_(torch.eye(n))
@@ -45,6 +55,8 @@ class CPSDProjection(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         if self.mode == "hidden":
             return self.linear(tokens)
+        if self.mode == "reference":
+            return self.linear(tokens.reshape(-1, self.length)).reshape(tokens.shape)
         return self.linear(tokens.transpose(-1, -2)).transpose(-1, -2)
 
 
@@ -128,6 +140,8 @@ def train_cpsd_projection(
     epochs: int = 1,
     batch_size: int = 4,
     lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    augment: Optional[Callable[[Tensor, Optional[torch.Generator]], Tensor]] = None,
     snr_gamma: Optional[float] = 5.0,
     lam: float = 0.003,
     mmd_kind: str = "mean",
@@ -138,12 +152,14 @@ def train_cpsd_projection(
 
     ``denoiser`` provides ``encode(images)``, ``noisy(z0, generator)``, ``predict_noise(z_t, t, cond)`` and
     ``snr(t)`` (e.g. :class:`~avalanche_drcpsd.generator.DiffusionGenerator`); ``tokens`` are the frozen text
-    states ``(L, D)`` of the class prompt; ``images`` its real images in [0, 1]. Returns the trained projection.
+    states ``(L, D)`` of the class prompt; ``images`` its real images in [0, 1]; ``augment(batch, generator)``
+    (e.g. :func:`~avalanche_drcpsd.augment.reference_cpsd_augment`) transforms each batch before it is encoded. AdamW with ``lr`` and
+    ``weight_decay`` (the original code: 4e-4 and 0.01). Returns the trained projection.
     """
     length, hidden = tokens.shape
     device = next(denoiser.parameters()).device
     projection = CPSDProjection(length, hidden, mode).to(device)
-    optimizer = torch.optim.AdamW(projection.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(projection.parameters(), lr=lr, weight_decay=weight_decay)
     tokens = tokens.to(device).unsqueeze(0)
     requires = [p.requires_grad for p in denoiser.parameters()]
     for p in denoiser.parameters():
@@ -154,6 +170,8 @@ def train_cpsd_projection(
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, batch_size):
                 batch = images[order[start:start + batch_size]]
+                if augment is not None:
+                    batch = augment(batch, generator)
                 z_t, noise, t = denoiser.noisy(denoiser.encode(batch), generator)
                 cond = projection(tokens).expand(batch.shape[0], -1, -1)
                 loss = cpsd_loss(denoiser.predict_noise(z_t, t, cond), noise, denoiser.snr(t), snr_gamma, lam, mmd_kind)

@@ -121,11 +121,11 @@ def balanced_kappa(kappa: float, n_new_classes: int, n_old_classes: int) -> floa
 
 
 def feature_distillation_loss(h_student_old: Tensor, h_old: Tensor, h_student_new: Tensor, h_new: Tensor,
-                              pi: float = 1.0) -> Tensor:
+                              pi: float = 1.0, old_weight: float = 1.0) -> Tensor:
     r"""Teacher-student distillation on penultimate features:
-    :math:`\mathcal{L}_{Distill} = MSE(h_s, h_{old}) + \pi\,MSE(h_s, h_{new})`, where each teacher's term uses
+    :math:`\mathcal{L}_{Distill} = w_{old}\,MSE(h_s, h_{old}) + \pi\,MSE(h_s, h_{new})`, where each teacher's term uses
     the student's features on the same inputs that teacher saw (``h_student_old`` pairs with ``h_old``)."""
-    return F.mse_loss(h_student_old, h_old) + pi * F.mse_loss(h_student_new, h_new)
+    return old_weight * F.mse_loss(h_student_old, h_old) + pi * F.mse_loss(h_student_new, h_new)
 
 
 def logit_distillation_loss(logits_student: Tensor, logits_teacher: Tensor, classes: Sequence[int],

@@ -24,6 +24,7 @@ from .config import DRCPSDConfig
 from .plugins.distill import DistillPlugin
 from .plugins.dream_replay import DreamReplayPlugin
 from .plugins.generator import CPSDGeneratorPlugin
+from .plugins.logit_mask import SeenClassMaskPlugin
 from .plugins.mmd import MMDPlugin
 from .utils import PhaseTimer, atomic_write
 
@@ -64,12 +65,15 @@ class DRCPSD(SupervisedTemplate):
         self.timer = PhaseTimer()
         self.generator_plugin = CPSDGeneratorPlugin(self.config, class_names=class_names, generator=generator,
                                                     text_encoder=text_encoder, timer=self.timer, verbose=verbose)
-        self.distill_plugin = DistillPlugin(pi=self.config.pi, during_training=False,
+        self.distill_plugin = DistillPlugin(alpha=self.config.distill_old_weight, pi=self.config.pi,
+                                            during_training=False,
                                             targets=self.config.distill_targets)
         self.replay_plugin = DreamReplayPlugin.from_config(self.generator_plugin, self.config,
                                                            distill=self.distill_plugin, timer=self.timer,
                                                            verbose=verbose)
         own = [self.generator_plugin, self.distill_plugin, self.replay_plugin]
+        if self.config.logit_mask == "seen":
+            own.insert(0, SeenClassMaskPlugin())
         if self.config.gap_samples_per_class >= 2:
             self.mmd_plugin = MMDPlugin(self.generator_plugin, samples_per_class=self.config.gap_samples_per_class,
                                         seed=self.config.seed)

@@ -3,6 +3,7 @@
 from .distill import DistillPlugin
 from .dream_replay import DreamReplayPlugin, SyntheticSource
 from .generator import CPSDGeneratorPlugin
+from .logit_mask import SeenClassMaskPlugin
 from .mmd import MMDPlugin
 
-__all__ = ["CPSDGeneratorPlugin", "DreamReplayPlugin", "DistillPlugin", "MMDPlugin", "SyntheticSource"]
+__all__ = ["CPSDGeneratorPlugin", "DreamReplayPlugin", "DistillPlugin", "MMDPlugin", "SeenClassMaskPlugin", "SyntheticSource"]

@@ -1,6 +1,6 @@
 r"""Old/new teacher feature distillation (DR-CPSD's :math:`\mathcal{L}_{Distill}`).
 
-.. math:: \mathcal{L}_{Distill} = MSE(h_s, h_{old}) + \pi\,MSE(h_s, h_{new})
+.. math:: \mathcal{L}_{Distill} = \alpha\,MSE(h_s, h_{old}) + \pi\,MSE(h_s, h_{new})
 
 where :math:`h` are penultimate features (the input of the classifier's last linear layer), the *old teacher* is
 the model after the previous experience and the *new teacher* the model after learning the current experience
@@ -12,7 +12,8 @@ loss of any Avalanche strategy (e.g. ``Replay``), a feature-level counterpart of
 calls :meth:`replay_loss` with both teachers during replay.
 
 Reference: DR-CPSD (Dream Replay with CLIP Projection Stable Diffusion), distillation on 512-d ResNet-18 features
-with pi = 1.
+with alpha = pi = 1 in the paper; the original code (isaacNingLee/CPSD 769e79b, ``backbone/backbone.py`` l. 436)
+weighs both terms 0.5 and gives both teachers the whole paired batch (``targets="both"``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class DistillPlugin(SupervisedPlugin):
     def __init__(self, *, alpha: float = 1.0, pi: float = 1.0, during_training: bool = True,
                  targets: str = "split", feature_layer: Optional[str] = None):
         """
-        :param alpha: weight of the old-teacher term when used during ordinary training.
+        :param alpha: weight of the old-teacher term, in replay and (standalone) in ordinary training (the paper:
+            1; the original code: 0.5).
         :param pi: weight of the new-teacher term.
         :param during_training: add the old-teacher term to every training minibatch (standalone use).
         :param targets: ``split``: in replay, the old teacher distils on the synthetic (old-class) half and the new
@@ -79,7 +81,7 @@ class DistillPlugin(SupervisedPlugin):
         return forward_with_features(teacher, x, self.feature_layer)[1]
 
     def replay_loss(self, h_syn: Tensor, x_syn: Tensor, h_real: Tensor, x_real: Tensor) -> Tensor:
-        """:math:`MSE(h_s, h_{old}) + \\pi MSE(h_s, h_{new})` for a paired batch, given the student's features
+        """:math:`\\alpha MSE(h_s, h_{old}) + \\pi MSE(h_s, h_{new})` for a paired batch, given the student's features
         ``h_syn``/``h_real`` on ``x_syn``/``x_real``. Needs both teachers."""
         if self.old_teacher is None or self.new_teacher is None:
             raise RuntimeError("replay_loss needs the old and the new teacher (call snapshot_old_teacher and "
@@ -87,11 +89,11 @@ class DistillPlugin(SupervisedPlugin):
         if self.targets == "split":
             return feature_distillation_loss(
                 h_syn, self.teacher_features(self.old_teacher, x_syn),
-                h_real, self.teacher_features(self.new_teacher, x_real), self.pi)
+                h_real, self.teacher_features(self.new_teacher, x_real), self.pi, self.alpha)
         h_s = torch.cat([h_syn, h_real])
         x = torch.cat([x_syn, x_real])
         return feature_distillation_loss(h_s, self.teacher_features(self.old_teacher, x),
-                                         h_s, self.teacher_features(self.new_teacher, x), self.pi)
+                                         h_s, self.teacher_features(self.new_teacher, x), self.pi, self.alpha)
 
     # --- hooks -----------------------------------------------------------------------------------------
     def before_training_exp(self, strategy, **kwargs):

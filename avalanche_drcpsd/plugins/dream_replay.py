@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from ..augment import reference_classifier_augment
 from ..features import forward_with_features
 from ..losses import balanced_kappa, isolation_loss, logit_distillation_loss
 from ..utils import PhaseTimer, interpolate_state_dicts
@@ -85,8 +86,15 @@ class DreamReplayPlugin(SupervisedPlugin):
         kappa: float = 0.05,
         kappa_schedule: str = "constant",
         pi: float = 1.0,
+        distill_old_weight: float = 1.0,
         student_init: str = "average",
         ema_alpha: float = 0.1,
+        student_bn: str = "average",
+        step_ema: Optional[float] = None,
+        epoch_length: str = "longer",
+        augment: str = "none",
+        teacher_mode: str = "eval",
+        optimizer: str = "fresh",
         replay_lr: Optional[float] = None,
         grad_clip: Optional[float] = None,
         kd_weight: float = 0.0,
@@ -104,13 +112,27 @@ class DreamReplayPlugin(SupervisedPlugin):
         :param replay_filter: ``teacher`` drops the synthetic images their teacher misclassifies (old classes: the
             old teacher; current classes: the new teacher), keeping a class whole when none would survive; the kept
             share is ``stats[experience]["filter_kept"]``. ``none`` (the reference) keeps every image.
-        :param distill: the feature-distillation plugin holding the teachers; a private one (``pi``, split
-            targets, not active during ordinary training) when None.
+        :param distill: the feature-distillation plugin holding the teachers; a private one (``pi``,
+            ``distill_old_weight``, split targets, not active during ordinary training) when None.
         :param min_steps: *package*: run at least this many optimiser steps per replay phase, by adding epochs
             (:func:`replay_epochs_for`); 0 (off, the reference) keeps exactly ``replay_epochs``. The epochs used
             are kept in ``epochs_used[experience]``.
-        :param replay_lr: learning rate of the replay optimiser (same class and settings as the strategy's);
-            None keeps the strategy optimiser's own.
+        :param student_bn: the initial student's BatchNorm running statistics: ``average`` (interpolated like the
+            weights) or ``new`` (the new teacher's, as the original code leaves them).
+        :param step_ema: after every optimiser step, :math:`\theta \leftarrow a\,\theta + (1-a)\,\theta_{before}`
+            with this ``a`` (the original code's ``--c_ema``, 0.1); None: off.
+        :param epoch_length: ``longer``: an epoch is as many paired batches as the longer set has, the other
+            cycling; ``shorter``: as many as the shorter one (the original code's ``zip``).
+        :param augment: ``reference``: the original classifier's training transforms on every synthetic image
+            of every batch (:func:`~avalanche_drcpsd.augment.reference_classifier_augment`), before
+            ``syn_transform``; ``none``: off.
+        :param teacher_mode: ``eval``: the teachers run in eval mode; ``student``: in the student's mode (the
+            original code, where they are submodules of the student: in train mode their BatchNorm uses and
+            updates batch statistics).
+        :param optimizer: ``fresh``: a new optimiser of the strategy optimiser's class and settings;
+            ``continue``: the strategy's optimiser itself, with its state (the original code).
+        :param replay_lr: learning rate of the fresh replay optimiser (same class and settings as the
+            strategy's); None keeps the strategy optimiser's own.
         :param grad_clip: clip the student's gradient norm at this value during replay (None: no clipping).
         :param kappa_schedule: ``constant`` (reference) or ``balanced``: ``kappa * |new| / |old|`` classes at
             each experience (:func:`~avalanche_drcpsd.losses.balanced_kappa`); the value used is kept in
@@ -126,8 +148,24 @@ class DreamReplayPlugin(SupervisedPlugin):
         if replay_filter not in ("none", "teacher"):
             raise ValueError(f"replay_filter={replay_filter!r}; expected 'none' or 'teacher'")
         self.replay_filter = replay_filter
-        if student_init not in ("average", "ema"):
-            raise ValueError(f"student_init={student_init!r}; expected 'average' or 'ema'")
+        for name, value, choices in (("student_init", student_init, ("average", "ema")),
+                                     ("student_bn", student_bn, ("average", "new")),
+                                     ("epoch_length", epoch_length, ("longer", "shorter")),
+                                     ("augment", augment, ("none", "reference")),
+                                     ("teacher_mode", teacher_mode, ("eval", "student")),
+                                     ("optimizer", optimizer, ("fresh", "continue"))):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r}; expected one of {list(choices)}")
+        if step_ema is not None and not 0 < step_ema <= 1:
+            raise ValueError(f"step_ema={step_ema!r} must be in (0, 1] or None")
+        if optimizer == "continue" and replay_lr is not None:
+            raise ValueError(f"replay_lr={replay_lr!r} is for a fresh optimiser; optimizer='continue' keeps its own")
+        self.student_bn = student_bn
+        self.step_ema = step_ema
+        self.epoch_length = epoch_length
+        self.augment = augment
+        self.teacher_mode = teacher_mode
+        self.optimizer = optimizer
         for name, v in (("n_replay_per_class", n_replay_per_class), ("replay_epochs", replay_epochs),
                         ("batch_real", batch_real), ("batch_syn", batch_syn)):
             if not isinstance(v, int) or v < 1:
@@ -161,7 +199,8 @@ class DreamReplayPlugin(SupervisedPlugin):
         self.effective_kappa: dict = {}
         #: per experience: the replay epochs actually run (``replay_epochs`` raised by ``min_steps``)
         self.epochs_used: dict = {}
-        self.distill = distill if distill is not None else DistillPlugin(pi=pi, during_training=False)
+        self.distill = distill if distill is not None else DistillPlugin(alpha=distill_old_weight, pi=pi,
+                                                                         during_training=False)
         self.syn_transform = syn_transform
         self.timer = timer if timer is not None else PhaseTimer()
         self.verbose = verbose
@@ -175,7 +214,11 @@ class DreamReplayPlugin(SupervisedPlugin):
                    replay_epochs=config.replay_epochs,
                    min_steps=config.replay_min_steps, batch_real=config.replay_batch_real,
                    batch_syn=config.replay_batch_syn, kappa=config.kappa,
-                   kappa_schedule=config.kappa_schedule, pi=config.pi, student_init=config.student_init, ema_alpha=config.ema_alpha,
+                   kappa_schedule=config.kappa_schedule, pi=config.pi,
+                   distill_old_weight=config.distill_old_weight, student_init=config.student_init,
+                   ema_alpha=config.ema_alpha, student_bn=config.student_bn, step_ema=config.replay_step_ema,
+                   epoch_length=config.replay_epoch_length, augment=config.replay_augment,
+                   teacher_mode=config.teacher_mode, optimizer=config.replay_optimizer,
                    replay_lr=config.replay_lr, grad_clip=config.replay_grad_clip,
                    kd_weight=config.replay_kd_weight, kd_temperature=config.replay_kd_temperature, **kwargs)
 
@@ -210,16 +253,18 @@ class DreamReplayPlugin(SupervisedPlugin):
         kept = None
         if self.replay_filter == "teacher":
             x_syn, y_syn, kept = self.filter_by_teachers(x_syn, y_syn, old_classes, device)
-        model.load_state_dict(interpolate_state_dicts(
-            self.distill.old_teacher.state_dict(), self.distill.new_teacher.state_dict(), self.alpha))
+        model.load_state_dict(self.initial_student(self.distill.old_teacher, self.distill.new_teacher))
         model.train()
-        optimizer = self._make_optimizer(strategy)
+        teachers = (self.distill.old_teacher, self.distill.new_teacher)
+        for teacher in teachers:
+            teacher.train(self.teacher_mode == "student")
+        optimizer = strategy.optimizer if self.optimizer == "continue" else self._make_optimizer(strategy)
 
         real = DataLoader(strategy.experience.dataset.train(), batch_size=self.batch_real, shuffle=True,
                           drop_last=len(strategy.experience.dataset) > self.batch_real)
         syn = DataLoader(TensorDataset(x_syn, y_syn), batch_size=self.batch_syn, shuffle=True,
                          drop_last=len(y_syn) > self.batch_syn)
-        steps = max(len(real), len(syn))
+        steps = max(len(real), len(syn)) if self.epoch_length == "longer" else min(len(real), len(syn))
         exp = strategy.experience.current_experience
         epochs = self.epochs_used[exp] = replay_epochs_for(steps, self.replay_epochs, self.min_steps)
         if steps * epochs < FEW_REPLAY_STEPS:
@@ -234,6 +279,8 @@ class DreamReplayPlugin(SupervisedPlugin):
             for (xr, yr, *_), (xs, ys) in itertools.islice(zip(_cycle(real), _cycle(syn)), steps):
                 xr, yr = xr.to(device), yr.to(device)
                 xs, ys = xs.to(device), ys.to(device)
+                if self.augment == "reference":
+                    xs = reference_classifier_augment(xs)
                 if self.syn_transform is not None:
                     xs = self.syn_transform(xs)
                 logits, h = forward_with_features(model, torch.cat([xs, xr]), self.distill.feature_layer)
@@ -252,12 +299,19 @@ class DreamReplayPlugin(SupervisedPlugin):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip or float("inf"))
+                before = [p.detach().clone() for p in model.parameters()] if self.step_ema is not None else None
                 optimizer.step()
+                if before is not None:
+                    with torch.no_grad():
+                        for p, b in zip(model.parameters(), before):
+                            p.lerp_(b, 1.0 - self.step_ema)  # a * after + (1 - a) * before
                 for name, value in {**terms, "grad_norm": norm}.items():
                     trace.setdefault(name, []).append(float(value.detach()))
                 self.replayed_batches += 1
                 bar.update(1)
         bar.close()
+        for teacher in teachers:
+            teacher.eval()
         self.stats[exp] = {f"{k}_{name}": agg(v) for k, v in trace.items()
                            for name, agg in (("mean", lambda v: sum(v) / len(v)), ("max", max))}
         if kept is not None:
@@ -265,6 +319,17 @@ class DreamReplayPlugin(SupervisedPlugin):
         for key, value in self.stats[exp].items():
             strategy.evaluator.publish_metric_value(
                 MetricValue(self, f"Replay/{key}/Exp{exp:03d}", value, strategy.clock.train_iterations))
+
+    def initial_student(self, old_teacher, new_teacher) -> dict:
+        """The student's initial state: :math:`(1-\alpha)\theta_{old} + \alpha\theta_{new}` for the weights
+        (``alpha`` 0.5 for ``student_init="average"``, ``ema_alpha`` for ``"ema"``); BatchNorm's running statistics
+        likewise, or the new teacher's with ``student_bn="new"``; integer buffers from the new teacher."""
+        new = new_teacher.state_dict()
+        out = interpolate_state_dicts(old_teacher.state_dict(), new, self.alpha)
+        if self.student_bn == "new":
+            buffers = {name for name, _ in new_teacher.named_buffers()}
+            out.update({k: new[k].clone() for k in buffers if k in new})
+        return out
 
     @torch.no_grad()
     def filter_by_teachers(self, x_syn: Tensor, y_syn: Tensor, old_classes: Sequence[int],

@@ -35,6 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..config import DRCPSDConfig
+from ..augment import jpeg_round_trip, reference_cpsd_augment
 from ..cpsd import EmbeddingBuffer, train_cpsd_projection
 from ..generator import DiffusionGenerator
 from ..losses import generative_distillation_loss, ldm_loss
@@ -199,12 +200,17 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         return self._replay[2], self._replay[3]
 
     def _draw(self, classes: Sequence[int], n_per_class: int) -> Tuple[Tensor, Tensor]:
-        """The generation phase: ``n_per_class`` images of each class, through the synthetic cache if any."""
+        """The generation phase: ``n_per_class`` images of each class, through the synthetic cache if any (with
+        ``replay_augment="reference"``, each passed through a JPEG of quality 75)."""
         desc = f"exp {self._exp} generation"
         with self.timer("generation", self._exp):
             if self.cache is not None:
-                return self.sample_cached(classes, n_per_class, task=self._exp, desc=desc)
-            return self.sample(classes, n_per_class, desc=desc)
+                x, y = self.sample_cached(classes, n_per_class, task=self._exp, desc=desc)
+            else:
+                x, y = self.sample(classes, n_per_class, desc=desc)
+            if self.config.replay_augment == "reference":  # the original code's samples are .jpeg files
+                x = jpeg_round_trip(x)
+        return x, y
 
     def _kept_sets(self, classes: Sequence[int], n_per_class: int) -> Tuple[Tensor, Tensor]:
         """``replay_draw="once"``: the classes without a kept set are drawn now (from the generator as it was when
@@ -320,7 +326,9 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
                           leave=False) as bar:
                     proj = train_cpsd_projection(
                         self.generator, tok, imgs, mode=c.projection, epochs=c.cpsd_epochs,
-                        batch_size=c.cpsd_batch_size, lr=c.cpsd_lr, snr_gamma=c.snr_gamma, lam=c.lambda_mmd,
+                        batch_size=c.cpsd_batch_size, lr=c.cpsd_lr, weight_decay=c.cpsd_weight_decay,
+                        augment=reference_cpsd_augment if c.cpsd_augment == "reference" else None,
+                        snr_gamma=c.snr_gamma, lam=c.lambda_mmd,
                         mmd_kind=c.mmd_kind, generator=self.rng, progress=bar.update)
                 with torch.no_grad():
                     self.buffer.add(cls, proj(tok.to(self.config.device).unsqueeze(0))[0], self.prompt(cls))
