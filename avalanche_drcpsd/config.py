@@ -69,8 +69,9 @@ _CHOICES = {
 #:   with the replay and classifier settings of ``run_cifar10.sh``.
 #:
 #: Not options here, so still differences (README, "What the original code does"): prompts with per-image BLIP-2
-#: captions; the guidance scale drawn once per generation batch (here per image); VAE latents sampled (here the
-#: posterior mean); its classifier's own recipe (ResNet-18, SGD lr 0.1 without momentum), which is the
+#: captions; the guidance scale drawn once per generation batch (here per image); VAE latents sampled (with Stable
+#: Diffusion: ``generator_options={"vae_latent": "sample"}``, which the preset cannot set for the offline
+#: generator); its classifier's own recipe (ResNet-18, SGD lr 0.1 without momentum), which is the
 #: strategy's, not this config's; and its bugs (duplicate file names halve the synthetic set, ``manager.py`` l.
 #: 598-605).
 REFERENCE: Dict[str, Any] = {
@@ -469,7 +470,8 @@ def check_prompt_template(template: Any, error: type = ConfigError) -> None:
 
 
 #: Keys of ``generator_options`` (the options of ``avalanche_drcpsd.sd.StableDiffusionGenerator.from_pretrained``).
-SD_OPTION_KEYS = ("torch_dtype", "resolution", "compile_unet", "offload", "attention", "variant", "vae_batch_size")
+SD_OPTION_KEYS = ("torch_dtype", "resolution", "compile_unet", "offload", "attention", "variant", "vae_batch_size",
+                  "vae_latent")
 
 
 def _check_generator_options(options: Any, generator: str) -> None:
@@ -494,6 +496,8 @@ def _check_generator_options(options: Any, generator: str) -> None:
             raise ConfigError(f"generator_options['{key}']={options[key]!r} must be true or false")
     if options.get("attention", "sdpa") not in ("sdpa", "default"):
         raise ConfigError(f"generator_options['attention']={options['attention']!r}; expected 'sdpa' or 'default'")
+    if options.get("vae_latent", "mode") not in ("mode", "sample"):
+        raise ConfigError(f"generator_options['vae_latent']={options['vae_latent']!r}; expected 'mode' or 'sample'")
     if options.get("variant") is not None and not isinstance(options["variant"], str):
         raise ConfigError(f"generator_options['variant']={options['variant']!r} must be a string such as 'fp16'")
 

@@ -1,7 +1,7 @@
 r"""CPSD embeddings: a per-class projection of the frozen text encoder's token states, and their buffer.
 
 A class prompt ("a photo of a {name}") is encoded by the frozen text encoder into token states
-:math:`E_c \in \mathbb{R}^{L\times D}`. The CLIP projection (reference: ``Linear(77, 77)`` over the token
+:math:`E_c \in \mathbb{R}^{L\times D}`. The CLIP projection (the paper: ``Linear(77, 77)`` over the token
 positions, identity weight, zero bias) gives the class embedding :math:`e_c = W_c E_c + b_c` and is trained
 for one epoch on the class's real images with :math:`\mathcal{L}_{CPSD}=\mathcal{L}_{LDM}+\lambda\mathcal{L}_{MMD}`
 while the denoiser is frozen. The projected embeddings are the *embedding buffer*: with the generator, the only

@@ -208,7 +208,7 @@ def default_experiment() -> ExperimentConfig:
         drcpsd=DRCPSDConfig(
             prompt_template="a photo of the handwritten digit {}",
             unet_attention_head_dim=1,
-            generator_first_steps=500, generator_steps=200, generator_batch_size=64, generator_ema_decay=0.999,
+            generator_first_steps=600, generator_steps=300, generator_batch_size=64, generator_ema_decay=0.999,
             replay_draw="once", generator_distill_weight=0.0,
             cpsd_batch_size=32, cpsd_max_images_per_class=64,
             n_replay_per_class=100, sampling_steps=10, guidance_scale=3.0,

@@ -248,6 +248,7 @@ class StableDiffusionGenerator(nn.Module):
         compile_unet: bool = False,
         attention: str = "sdpa",
         vae_batch_size: int = 8,
+        vae_latent: str = "mode",
         source: Optional[str] = None,
         fingerprint: Optional[str] = None,
     ):
@@ -271,6 +272,9 @@ class StableDiffusionGenerator(nn.Module):
             raise StableDiffusionError(f"attention={attention!r}; expected 'sdpa' or 'default'")
         if isinstance(vae_batch_size, bool) or not isinstance(vae_batch_size, int) or vae_batch_size < 1:
             raise StableDiffusionError(f"vae_batch_size={vae_batch_size!r} must be an integer >= 1")
+        if vae_latent not in ("mode", "sample"):
+            raise StableDiffusionError(f"vae_latent={vae_latent!r}; expected 'mode' or 'sample'")
+        self.vae_latent = vae_latent
         self.output_shape: Optional[Tuple[int, int, int]] = None
         if output_shape is not None:
             self.set_output_shape(output_shape)
@@ -309,6 +313,7 @@ class StableDiffusionGenerator(nn.Module):
         attention: str = "sdpa",
         variant: Optional[str] = None,
         vae_batch_size: int = 8,
+        vae_latent: str = "mode",
     ) -> "StableDiffusionGenerator":
         """Load the UNet, VAE and noise schedule of a local diffusers Stable Diffusion directory, frozen.
 
@@ -321,7 +326,9 @@ class StableDiffusionGenerator(nn.Module):
         networks on the CPU and move only the one in use to ``device`` (for sampling when GPU memory is short: a
         CPSD step uses both networks, so it moves them at every step); ``attention="sdpa"``: diffusers'
         ``AttnProcessor2_0`` (scaled-dot-product attention); ``variant``: e.g. ``"fp16"`` weight files (detected
-        when they are the only ones); ``vae_batch_size``: images per VAE call.
+        when they are the only ones); ``vae_batch_size``: images per VAE call; ``vae_latent``: what
+        :meth:`encode` returns of the VAE's posterior, its mean (``"mode"``) or a draw from it (``"sample"``, from
+        torch's global generator: what the original CPSD code does, ``cpsd/train_cpsd.py`` l. 364).
 
         Raises:
             StableDiffusionError: a missing directory or component (every missing file is named), a bad option,
@@ -332,7 +339,8 @@ class StableDiffusionGenerator(nn.Module):
         if pointer is not None:
             return cls._from_pointer(root, pointer, device=device, torch_dtype=torch_dtype, resolution=resolution,
                                      output_shape=output_shape, compile_unet=compile_unet, offload=offload,
-                                     attention=attention, variant=variant, vae_batch_size=vae_batch_size)
+                                     attention=attention, variant=variant, vae_batch_size=vae_batch_size,
+                                     vae_latent=vae_latent)
         root = check_pipeline_directory(root)
         dtype = parse_dtype(torch_dtype)
         kwargs = dict(local_files_only=True, torch_dtype=dtype)
@@ -353,7 +361,8 @@ class StableDiffusionGenerator(nn.Module):
                 f"{networks['unet'].config.cross_attention_dim}")
         return cls(networks["unet"], networks["vae"], noise_scheduler, resolution=resolution,
                    output_shape=output_shape, device=device, offload=offload, compile_unet=compile_unet,
-                   attention=attention, vae_batch_size=vae_batch_size, source=str(root.resolve()),
+                   attention=attention, vae_batch_size=vae_batch_size, vae_latent=vae_latent,
+                   source=str(root.resolve()),
                    fingerprint=pipeline_fingerprint(root))
 
     @classmethod
@@ -443,14 +452,15 @@ class StableDiffusionGenerator(nn.Module):
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         r"""Images in [0, 1] ``(B, C, H, W)`` -> float32 latents :math:`s\,(\mu - \text{shift})` on the execution
-        device, where :math:`\mu` is the VAE posterior's mean (deterministic, so a CPSD step is reproducible; the
-        SD VAE's posterior std is tiny) and ``s`` its ``scaling_factor``. Encoded in chunks of ``vae_batch_size``."""
+        device, where :math:`\mu` is the VAE posterior's mean (deterministic; the SD VAE's posterior std is tiny),
+        or a draw from the posterior with ``vae_latent="sample"``, and ``s`` its ``scaling_factor``. Encoded in chunks of ``vae_batch_size``."""
         x = to_pipeline_images(images, self.resolution)
         vae = self._use(self.vae)
         out = []
         for chunk in x.split(self.vae_batch_size):
-            mean = vae.encode(chunk.to(self.execution_device, vae.dtype)).latent_dist.mode()
-            out.append((mean.float() - self.shift_factor) * self.scaling_factor)
+            posterior = vae.encode(chunk.to(self.execution_device, vae.dtype)).latent_dist
+            z = posterior.sample() if self.vae_latent == "sample" else posterior.mode()
+            out.append((z.float() - self.shift_factor) * self.scaling_factor)
         return torch.cat(out)
 
     @torch.no_grad()

@@ -298,3 +298,25 @@ def test_replay_augment_jpegs_the_drawn_set_and_augments_every_synthetic_batch(m
     for k in (0, 1):
         strategy.train(mnist_small.train_stream[k])
     assert batches and len(batches) == replay.replayed_batches and set(batches) == {8}
+
+
+def test_every_shipped_experiment_file_loads_and_the_reference_one_holds_the_preset():
+    """Each experiments/*.json is a valid ExperimentConfig; split_mnist_cpu_reference.json keeps every preset
+    field it does not override (its overrides: the offline generator's budget and the CPU profile's sampling)."""
+    import json
+    from pathlib import Path
+
+    from avalanche_drcpsd.config import REFERENCE
+    from avalanche_drcpsd.run import ExperimentConfig
+
+    folder = Path(__file__).resolve().parents[1] / "experiments"
+    files = sorted(folder.glob("*.json"))
+    assert files
+    for path in files:
+        ExperimentConfig.from_json(str(path))
+    path = folder / "split_mnist_cpu_reference.json"
+    raw = json.loads(path.read_text())["drcpsd"]
+    cfg = ExperimentConfig.from_json(str(path)).drcpsd
+    for name, value in REFERENCE.items():
+        if name not in raw:
+            assert getattr(cfg, name) == value, name

@@ -344,3 +344,21 @@ def test_random_pipeline_builder_used_by_the_benchmark(tmp_path):
     x = gen.sample(text.encode([PROMPT]), text.null_embedding(), num_inference_steps=1,
                    generator=torch.Generator().manual_seed(0))
     assert x.shape == (1, 3, 16, 16)
+
+
+def test_vae_latent_sample_draws_from_the_posterior_around_its_mean(sd_dir):
+    """vae_latent="sample" (the original CPSD code's latent_dist.sample()) gives different latents on each call,
+    spread around the deterministic "mode" latents; a bad value names itself."""
+    mode = StableDiffusionGenerator.from_pretrained(sd_dir)
+    sample = StableDiffusionGenerator.from_pretrained(sd_dir, vae_latent="sample")
+    x = _images(2)
+    z0 = mode.encode(x)
+    assert torch.equal(z0, mode.encode(x))
+    torch.manual_seed(0)
+    z1, z2 = sample.encode(x), sample.encode(x)
+    assert not torch.equal(z1, z2) and z1.shape == z0.shape
+    assert float((z1 - z0).abs().mean()) < float(z0.abs().mean()) + 1.0
+    with pytest.raises(StableDiffusionError, match="vae_latent='mean'"):
+        StableDiffusionGenerator.from_pretrained(sd_dir, vae_latent="mean")
+    with pytest.raises(ConfigError, match="vae_latent"):
+        DRCPSDConfig(generator="stable_diffusion", generator_path=str(sd_dir), generator_options={"vae_latent": "x"})

@@ -24,8 +24,9 @@ it learns the current task: the real/synthetic confusion of joint generative rep
 The source is any object with ``sample_replay(classes, n_per_class) -> (x, y)`` returning images in the
 classifier's input format: :class:`CPSDGeneratorPlugin`, or another generator.
 
-Reference: DR-CPSD (Dream Replay with CLIP Projection Stable Diffusion): kappa = 0.05, pi = 1, one replay epoch,
-16 + 16 paired batches, averaged student.
+Reference: DR-CPSD (Dream Replay with CLIP Projection Stable Diffusion): kappa = 0.05, pi = 1 (the paper; its code
+weighs both teachers 0.5), one replay epoch, 16 + 16 paired batches, averaged student. The options that reproduce
+the original code (isaacNingLee/CPSD 769e79b) are listed in :data:`avalanche_drcpsd.config.REFERENCE`.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class DreamReplayPlugin(SupervisedPlugin):
     ):
         """
         :param source: gives synthetic old-class images (``sample_replay``).
-        :param replay_classes: ``old`` (the reference) draws synthetic images of the old classes only; ``seen``
+        :param replay_classes: ``old`` (the paper's description) draws synthetic images of the old classes only; ``seen`` (the original code)
             of the old and the current classes (the source must know the current ones by the end of the
             experience, as :class:`CPSDGeneratorPlugin` placed before this plugin does).
         :param replay_filter: ``teacher`` drops the synthetic images their teacher misclassifies (old classes: the
