@@ -143,44 +143,41 @@ class DreamReplayPlugin(SupervisedPlugin):
         :param syn_transform: applied to synthetic batches (e.g. the benchmark's normalisation).
         """
         super().__init__()
-        if replay_classes not in ("old", "seen"):
-            raise ValueError(f"replay_classes={replay_classes!r}; expected 'old' or 'seen'")
-        self.replay_classes = replay_classes
-        if replay_filter not in ("none", "teacher"):
-            raise ValueError(f"replay_filter={replay_filter!r}; expected 'none' or 'teacher'")
-        self.replay_filter = replay_filter
-        for name, value, choices in (("student_init", student_init, ("average", "ema")),
+        for name, value, choices in (("replay_classes", replay_classes, ("old", "seen")),
+                                     ("replay_filter", replay_filter, ("none", "teacher")),
+                                     ("student_init", student_init, ("average", "ema")),
                                      ("student_bn", student_bn, ("average", "new")),
                                      ("epoch_length", epoch_length, ("longer", "shorter")),
                                      ("augment", augment, ("none", "reference")),
                                      ("teacher_mode", teacher_mode, ("eval", "student")),
-                                     ("optimizer", optimizer, ("fresh", "continue"))):
+                                     ("optimizer", optimizer, ("fresh", "continue")),
+                                     ("kappa_schedule", kappa_schedule, ("constant", "balanced"))):
             if value not in choices:
                 raise ValueError(f"{name}={value!r}; expected one of {list(choices)}")
-        if step_ema is not None and not 0 < step_ema <= 1:
-            raise ValueError(f"step_ema={step_ema!r} must be in (0, 1] or None")
-        if optimizer == "continue" and replay_lr is not None:
-            raise ValueError(f"replay_lr={replay_lr!r} is for a fresh optimiser; optimizer='continue' keeps its own")
-        self.student_bn = student_bn
-        self.step_ema = step_ema
-        self.epoch_length = epoch_length
-        self.augment = augment
-        self.teacher_mode = teacher_mode
-        self.optimizer = optimizer
         for name, v in (("n_replay_per_class", n_replay_per_class), ("replay_epochs", replay_epochs),
                         ("batch_real", batch_real), ("batch_syn", batch_syn)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
         if not isinstance(min_steps, int) or min_steps < 0:
             raise ValueError(f"min_steps={min_steps!r} must be an integer >= 0")
-        self.min_steps = min_steps
+        if step_ema is not None and not 0 < step_ema <= 1:
+            raise ValueError(f"step_ema={step_ema!r} must be in (0, 1] or None")
+        if optimizer == "continue" and replay_lr is not None:
+            raise ValueError(f"replay_lr={replay_lr!r} is for a fresh optimiser; optimizer='continue' keeps its own")
         if kappa < 0:
             raise ValueError(f"kappa={kappa!r} must be >= 0")
-        if kappa_schedule not in ("constant", "balanced"):
-            raise ValueError(f"kappa_schedule={kappa_schedule!r}; expected 'constant' or 'balanced'")
-        self.kappa_schedule = kappa_schedule
         if kd_weight < 0 or not kd_temperature > 0:
             raise ValueError(f"kd_weight={kd_weight!r} must be >= 0 and kd_temperature={kd_temperature!r} > 0")
+        self.replay_classes = replay_classes
+        self.replay_filter = replay_filter
+        self.student_bn = student_bn
+        self.step_ema = step_ema
+        self.epoch_length = epoch_length
+        self.augment = augment
+        self.teacher_mode = teacher_mode
+        self.optimizer = optimizer
+        self.min_steps = min_steps
+        self.kappa_schedule = kappa_schedule
         self.kd_weight = kd_weight
         self.kd_temperature = kd_temperature
         self.source = source
