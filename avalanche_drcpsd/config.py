@@ -19,7 +19,7 @@ import string
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Tuple, Union
 
-__all__ = ["ConfigError", "DRCPSDConfig", "check_prompt_template", "REFERENCE", "PRESETS"]
+__all__ = ["ConfigError", "DRCPSDConfig", "check_prompt_template", "check_device", "REFERENCE", "PRESETS"]
 
 
 class ConfigError(ValueError):
@@ -454,6 +454,24 @@ def _number(name: str, value: Any) -> float:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_device(device: str) -> None:
+    """Raise :class:`ConfigError` when torch cannot use ``device`` on this machine (``'cuda:1'`` with one GPU,
+    ``'cuda'`` without CUDA, ``'mps'`` without Metal), before anything is built on it. The string's form is
+    :meth:`DRCPSDConfig.validate`'s; this checks the machine, so configs for another machine still load."""
+    import torch
+
+    kind, _, index = str(device).partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r} but CUDA is not available on this machine (torch "
+                              f"{torch.__version__}); use device='cpu'")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ConfigError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device={device!r} but MPS is not available on this machine; use device='cpu'")
 
 
 def check_prompt_template(template: Any, error: type = ConfigError) -> None:

@@ -34,7 +34,7 @@ import torch
 
 from .baselines import (STRATEGIES, generator_parameters, is_joint, make_baseline, memory_bytes, memory_info,
                         stored_real_images)
-from .config import ConfigError, DRCPSDConfig
+from .config import ConfigError, DRCPSDConfig, check_device
 from .data import BENCHMARKS
 from .utils import atomic_write, atomic_write_csv, atomic_write_text
 
@@ -292,6 +292,7 @@ def run_experiment(exp: ExperimentConfig, out_dir: str, *, verbose: bool = True,
     torch.manual_seed(exp.seed)
     random.seed(exp.seed)
     np.random.seed(exp.seed)
+    check_device(exp.drcpsd.device)  # before the data and the models are built
     benchmark = make_benchmark(exp.benchmark, exp.data_root, seed=exp.seed, **exp.benchmark_args)
     spec = benchmark.spec
     os.makedirs(out_dir, exist_ok=True)

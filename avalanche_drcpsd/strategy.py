@@ -20,7 +20,7 @@ from avalanche.training.templates import SupervisedTemplate
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import DRCPSDConfig
+from .config import DRCPSDConfig, check_device
 from .plugins.distill import DistillPlugin
 from .plugins.dream_replay import DreamReplayPlugin
 from .plugins.generator import CPSDGeneratorPlugin
@@ -62,6 +62,7 @@ class DRCPSD(SupervisedTemplate):
         **template_kwargs,
     ):
         self.config = (config or DRCPSDConfig()).validate()
+        check_device(self.config.device)
         self.timer = PhaseTimer()
         self.generator_plugin = CPSDGeneratorPlugin(self.config, class_names=class_names, generator=generator,
                                                     text_encoder=text_encoder, timer=self.timer, verbose=verbose)

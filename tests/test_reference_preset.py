@@ -307,3 +307,24 @@ def test_every_shipped_experiment_file_loads_and_the_reference_one_holds_the_pre
     for name, value in REFERENCE.items():
         if name not in raw:
             assert getattr(cfg, name) == value, name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_a_cuda_device_without_cuda_fails_before_anything_is_built(monkeypatch):
+    """device='cuda:0' on a CPU-only machine: a ConfigError naming the device, from the strategy's constructor and
+    from the generator plugin's setup (issue 15), while the config itself still loads (experiment files for a GPU
+    machine stay readable)."""
+    from avalanche_drcpsd import DRCPSD, CPSDGeneratorPlugin
+    from avalanche_drcpsd.config import check_device
+
+    from conftest import tiny_config
+
+    cfg = tiny_config(device="cuda:0")
+    with pytest.raises(ConfigError, match="device='cuda:0' but CUDA is not available"):
+        check_device("cuda:0")
+    model = MLP()
+    with pytest.raises(ConfigError, match="device='cuda:0'"):
+        DRCPSD(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=cfg, verbose=False)
+    with pytest.raises(ConfigError, match="device='cuda:0'"):
+        CPSDGeneratorPlugin(cfg, verbose=False).setup()
+    check_device("cpu")

@@ -34,8 +34,8 @@ from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..config import DRCPSDConfig
 from ..augment import jpeg_round_trip, reference_cpsd_augment
+from ..config import DRCPSDConfig, check_device
 from ..cpsd import EmbeddingBuffer, train_cpsd_projection
 from ..generator import DiffusionGenerator
 from ..losses import generative_distillation_loss, ldm_loss
@@ -109,6 +109,7 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         """Load the text encoder and (when configured) the generator now, so a bad path fails before training.
         A Stable Diffusion generator is loaded first, since its pipeline provides the default text encoder."""
         c = self.config
+        check_device(c.device)
         if self.generator is None and c.generator == "stable_diffusion":
             from ..sd import StableDiffusionGenerator
 
