@@ -68,7 +68,7 @@ _CHOICES = {
 #: * Its CIFAR scripts pass ``--method=ti`` or ``sd``, not ``cpsd``; the preset is the CPSD method (the paper's),
 #:   with the replay and classifier settings of ``run_cifar10.sh``.
 #:
-#: Not options here, so still differences (README, "What the original code does"): prompts with per-image BLIP-2
+#: Not options here, so still differences (README, the notes under the parameter table): prompts with per-image BLIP-2
 #: captions; the guidance scale drawn once per generation batch (here per image); VAE latents sampled (with Stable
 #: Diffusion: ``generator_options={"vae_latent": "sample"}``, which the preset cannot set for the offline
 #: generator); its classifier's own recipe (ResNet-18, SGD lr 0.1 without momentum), which is the
@@ -115,7 +115,7 @@ class DRCPSDConfig:
     cpsd_weight_decay: float = 0.0
     cpsd_batch_size: int = 4
     #: ``reference``: the original code's CPSD training augmentation (random resized crop of 60-100% of the area,
-    #: horizontal flip; :func:`~avalanche_drcpsd.cpsd.reference_cpsd_augment`); ``none``: the images as they are.
+    #: horizontal flip; :func:`~avalanche_drcpsd.augment.reference_cpsd_augment`); ``none``: the images as they are.
     cpsd_augment: str = "none"
     #: *package*: cap on the real images of a class seen by the CPSD phase (None: all of them).
     cpsd_max_images_per_class: Optional[int] = None
@@ -268,7 +268,8 @@ class DRCPSDConfig:
     #: this ``a`` (the original code's ``--c_ema``, alpha 0.1, off by default; ``backbone/train.py`` l. 374-388).
     #: None: off.
     replay_step_ema: Optional[float] = None
-    #: ``seen``: the classifier's logits of classes not seen yet are masked out (-inf) in training, replay and
+    #: ``seen``: the classifier's logits of classes not seen yet are masked out (set to -1e4,
+    #: :data:`~avalanche_drcpsd.plugins.logit_mask.MASKED_LOGIT`) in training, replay and
     #: evaluation, as the original code slices ``fc(z)[:, :class_range]`` (``backbone/backbone.py`` l. 257);
     #: ``none``: every output counts.
     logit_mask: str = "none"
