@@ -67,7 +67,7 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import nn
 
-from .utils import WriteError, atomic_write, atomic_write_bytes, frozen_copy, sha256_file
+from .utils import WriteError, atomic_write, atomic_write_bytes, experience_classes, frozen_copy, sha256_file
 
 __all__ = [
     "CheckpointError",
@@ -685,7 +685,7 @@ class Checkpointer:
         entries.append(_Entry("rng.pt", _torch_bytes(_rng_state(self.plugins))))
         entries.append(_Entry("state.pt", _torch_bytes(self._plain_state())))
         experience = getattr(s, "experience", None)
-        classes_now = [int(c) for c in getattr(experience, "classes_in_this_experience", [])] if experience else []
+        classes_now = experience_classes(experience) if experience is not None else []
         manifest = {
             "position": {"index": self.index, "experience": exp, "phase": phase},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -826,8 +826,6 @@ class Checkpointer:
         ``train`` without the phases already done."""
         from avalanche.training.templates.base import _group_experiences_by_stream
 
-        from .utils import dataset_tensors
-
         s = self.strategy
         gp = s.generator_plugin
         phase, exp = ckpt.phase, ckpt.experience
@@ -849,7 +847,7 @@ class Checkpointer:
         new = [int(c) for c in ckpt.manifest.get("new_classes", [])]
         images = labels = tokens = None
         if phase in ("generator", "cpsd"):
-            images, labels = dataset_tensors(experience.dataset.eval())
+            images, labels = gp.experience_pixels(experience)
             tokens = {c: gp.text_encoder.encode([gp.prompt(c)])[0] for c in new}
         self.restore(ckpt)
         plugins = self.plugins

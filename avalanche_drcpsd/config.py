@@ -49,6 +49,7 @@ _CHOICES = {
     "replay_classes": ("old", "seen"),
     "replay_filter": ("none", "teacher"),
     "generator_memory_format": ("contiguous", "channels_last"),
+    "generator_last_experience": ("train", "skip"),
 }
 
 
@@ -190,6 +191,13 @@ class DRCPSDConfig:
     #: a training step of the CPU profiles' UNet took 1.5% less time, within the noise (interleaved steps,
     #: ``results/generator/README.md``), so the CPU profiles keep ``contiguous``; a GPU figure is owed.
     generator_memory_format: str = "contiguous"
+    #: *package*: ``skip`` leaves out the generator and CPSD phases of the last experience of the stream being
+    #: trained (the one whose ``current_experience`` is its ``origin_stream``'s last): with ``replay_classes="old"``
+    #: nothing replays its classes, so the classifier is the same bit for bit and the run saves a generator phase.
+    #: Its classes then stay unknown to the generator (no samples, no kept set, no real-vs-synthetic gap), and an
+    #: experience trained after it is refused. ``train``: every experience's classes are learned (a generator that
+    #: can continue, or be used on its own, after the stream).
+    generator_last_experience: str = "train"
     #: probability of replacing the condition by the empty prompt's embedding (classifier-free guidance).
     cond_dropout: float = 0.1
 
@@ -286,6 +294,19 @@ class DRCPSDConfig:
     #: *package*: synthetic and real images per class for the real-vs-synthetic MMD metric (0: off).
     gap_samples_per_class: int = 64
 
+    # --- the classifier's input images ----------------------------------------------------------------------
+    #: *package*: how the benchmark's images relate to pixels in [0, 1] (the generator learns in its own [-1, 1]
+    #: space, and its samples are handed to the classifier in the real images' space). ``input_range=(low, high)``:
+    #: pixel 0 is ``low`` and pixel 1 ``high`` in every channel; ``input_mean``/``input_std`` (one value per channel,
+    #: or one for all): the images went through ``Normalize(mean, std)`` after ``ToTensor()``, as Avalanche's
+    #: classic benchmarks do by default. All None: learned from the first experience
+    #: (:class:`~avalanche_drcpsd.input_space.InputSpace`): a torchvision ``Normalize`` in its transforms, else
+    #: images in [0, 1] are taken as pixels, else each channel's minimum and maximum are pixel 0 and 1. Images
+    #: outside the range are refused with an error naming the range seen.
+    input_range: Optional[Tuple[float, float]] = None
+    input_mean: Optional[Tuple[float, ...]] = None
+    input_std: Optional[Tuple[float, ...]] = None
+
     # --- run --------------------------------------------------------------------------------------------
     seed: int = 0
     device: str = "cpu"
@@ -296,6 +317,14 @@ class DRCPSDConfig:
         self.unet_block_out_channels = _as_int_tuple("unet_block_out_channels", self.unet_block_out_channels)
         if isinstance(self.guidance_scale, (list, tuple)):
             self.guidance_scale = tuple(float(_number("guidance_scale", g)) for g in self.guidance_scale)
+        for name in ("input_range", "input_mean", "input_std"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, (int, float)) and name != "input_range":
+                    value = (value,)
+                if not isinstance(value, (list, tuple)) or not value:
+                    raise ConfigError(f"{name}={value!r} must be a list of numbers (or None: learned from the data)")
+                setattr(self, name, tuple(_number(name, v) for v in value))
         self.validate()
 
     # ------------------------------------------------------------------------------------------------
@@ -349,6 +378,26 @@ class DRCPSDConfig:
         if self.replay_optimizer == "continue" and self.replay_lr is not None:
             raise ConfigError(f"replay_lr={self.replay_lr!r} with replay_optimizer='continue': the continued optimiser "
                               "keeps its own learning rate; set replay_lr=None or replay_optimizer='fresh'")
+        if self.generator_last_experience == "skip" and self.replay_classes == "seen":
+            raise ConfigError("generator_last_experience='skip' with replay_classes='seen': the last experience's "
+                              "replay draws its own classes from the generator its generator phase trains; use "
+                              "replay_classes='old' or generator_last_experience='train'")
+        if self.input_range is not None:
+            if len(self.input_range) != 2 or not self.input_range[0] < self.input_range[1]:
+                raise ConfigError(f"input_range={self.input_range!r} must be (low, high) with low < high: the values "
+                                  "of pixel 0 and pixel 1 in the classifier's input")
+            if self.input_mean is not None or self.input_std is not None:
+                raise ConfigError("input_range with input_mean/input_std: give one description of the images, the "
+                                  "range or the Normalize(mean, std) they went through")
+        if (self.input_mean is None) != (self.input_std is None):
+            raise ConfigError(f"input_mean={self.input_mean!r} with input_std={self.input_std!r}: give both (the "
+                              "Normalize(mean, std) the images went through) or neither")
+        if self.input_std is not None:
+            if any(v <= 0 for v in self.input_std):
+                raise ConfigError(f"input_std={self.input_std!r} must be > 0 in every channel")
+            if len(self.input_mean) != len(self.input_std) and 1 not in (len(self.input_mean), len(self.input_std)):
+                raise ConfigError(f"input_mean={self.input_mean!r} and input_std={self.input_std!r}: one value per "
+                                  "channel each (or one for all channels)")
         g = self.guidance_scale
         if isinstance(g, tuple):
             if len(g) != 2 or not g[0] <= g[1] or g[0] < 0:
@@ -436,6 +485,9 @@ class DRCPSDConfig:
         d["unet_block_out_channels"] = list(self.unet_block_out_channels)
         if isinstance(self.guidance_scale, tuple):
             d["guidance_scale"] = list(self.guidance_scale)
+        for name in ("input_range", "input_mean", "input_std"):
+            if d[name] is not None:
+                d[name] = list(d[name])
         return d
 
 

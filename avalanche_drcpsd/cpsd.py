@@ -47,7 +47,9 @@ class CPSDProjection(nn.Module):
         self.mode = mode
         self.length = length
         n = hidden_size if mode == "hidden" else length
-        self.linear = nn.Linear(n, n)
+        # no random initialisation to overwrite: building a projection draws nothing from torch's global random
+        # stream, so the classifier's data order does not depend on whether (or for how many classes) CPSD ran
+        self.linear = nn.utils.skip_init(nn.Linear, n, n)
         with torch.no_grad():
             self.linear.weight.copy_(torch.eye(n))
             self.linear.bias.zero_()

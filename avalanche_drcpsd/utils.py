@@ -29,6 +29,8 @@ __all__ = [
     "sha256_file",
     "PhaseTimer",
     "dataset_tensors",
+    "experience_classes",
+    "is_last_experience",
     "check_experience_data",
 ]
 
@@ -198,14 +200,44 @@ class PhaseTimer:
 
 @torch.no_grad()
 def dataset_tensors(dataset: Dataset, batch_size: int = 1024) -> Tuple[Tensor, Tensor]:
-    """All ``(x, y)`` of a (small enough) dataset as two tensors, in dataset order."""
+    """All ``(x, y)`` of a (small enough) dataset as two tensors, in dataset order. Draws nothing from torch's
+    global random stream (a DataLoader's iterator otherwise takes its base seed from it), so reading a data set
+    does not move the classifier's data order."""
     xs, ys = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator()):
         xs.append(batch[0])
         ys.append(torch.as_tensor(batch[1]))
     if not xs:
         raise ValueError("the dataset is empty")
     return torch.cat(xs), torch.cat(ys).long()
+
+
+def experience_classes(experience: Any) -> List[int]:
+    """The sorted class ids of an Avalanche experience: its classes timeline (``classes_in_this_experience``) when
+    the stream has one, else the distinct values of its data set's ``targets`` (streams made with
+    ``benchmark_from_datasets`` and other generic builders), else of the labels read from the data set."""
+    classes = getattr(experience, "classes_in_this_experience", None)
+    if classes is not None:
+        return sorted(int(c) for c in classes)
+    dataset = experience.dataset
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        labels = torch.as_tensor(list(targets))
+    else:
+        labels = torch.as_tensor([int(torch.as_tensor(dataset[i][1])) for i in range(len(dataset))])
+    return sorted(int(c) for c in labels.unique().tolist())
+
+
+def is_last_experience(experience: Any) -> bool:
+    """Whether ``experience`` is the last of the stream it came from (``origin_stream``); False when the stream
+    does not say (no origin stream, or one of unknown length)."""
+    stream = getattr(experience, "origin_stream", None)
+    if stream is None:
+        return False
+    try:  # Avalanche's streams do not all take negative indices
+        return int(stream[len(stream) - 1].current_experience) == int(experience.current_experience)
+    except (TypeError, IndexError, AttributeError, NotImplementedError):
+        return False
 
 
 def check_experience_data(dataset: Any, *, image_shape: Sequence[int], num_classes: int, experience: int,

@@ -12,6 +12,7 @@ from torch import nn
 
 from avalanche_drcpsd import CPSDGeneratorPlugin, DistillPlugin, DreamReplayPlugin, MMDPlugin
 from avalanche_drcpsd.utils import dataset_tensors
+from avalanche_drcpsd.input_space import InputSpace
 
 from conftest import tiny_config
 
@@ -193,6 +194,7 @@ def test_mmd_plugin_publishes_per_class_gap(mnist_small):
 
     class RealishSource:
         learned_classes = [0, 1]
+        input_space = InputSpace.unit(1)  # the real images are pixels already
 
         def sample(self, classes, n_per_class, seed=0):
             (c,) = classes

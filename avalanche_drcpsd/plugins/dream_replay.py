@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from ..augment import reference_classifier_augment
 from ..features import forward_with_features
 from ..losses import balanced_kappa, isolation_loss, logit_distillation_loss
-from ..utils import PhaseTimer, interpolate_state_dicts
+from ..utils import PhaseTimer, experience_classes, interpolate_state_dicts
 from .distill import DistillPlugin
 
 __all__ = ["SyntheticSource", "DreamReplayPlugin", "replay_epochs_for", "FEW_REPLAY_STEPS"]
@@ -226,7 +226,7 @@ class DreamReplayPlugin(SupervisedPlugin):
 
     def after_training_exp(self, strategy, **kwargs):
         old_classes = sorted(self.seen_classes)
-        self.seen_classes.update(int(c) for c in strategy.experience.classes_in_this_experience)
+        self.seen_classes.update(experience_classes(strategy.experience))
         if not old_classes or self.distill.old_teacher is None:
             return
         drawn = old_classes if self.replay_classes == "old" else sorted(self.seen_classes)
@@ -242,7 +242,7 @@ class DreamReplayPlugin(SupervisedPlugin):
             old_classes = sorted(set(int(c) for c in y_syn.tolist()))
         kappa = self.kappa
         if self.kappa_schedule == "balanced":
-            new_classes = set(int(c) for c in strategy.experience.classes_in_this_experience) - set(old_classes)
+            new_classes = set(experience_classes(strategy.experience)) - set(old_classes)
             kappa = balanced_kappa(self.kappa, len(new_classes), len(old_classes))
         self.effective_kappa[strategy.experience.current_experience] = kappa
         model = strategy.model

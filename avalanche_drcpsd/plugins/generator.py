@@ -15,6 +15,12 @@ Per training experience :math:`t` the plugin runs three phases around the strate
 
 No real image is kept: the buffer and the generator are all that remains of an old class.
 
+The generator works on pixels in [0, 1]; the benchmark's images may be normalised (Avalanche's classic
+benchmarks apply ``Normalize``). The plugin's :attr:`~CPSDGeneratorPlugin.input_space` (configured, or learned at
+the first experience: :mod:`avalanche_drcpsd.input_space`) maps real images to pixels before the generator and
+CPSD see them, and replay images back to the classifier's space; every experience's images are checked against
+it before training.
+
 With ``generator="stable_diffusion"`` (the published method) the generator is a frozen pretrained Stable Diffusion
 (:class:`~avalanche_drcpsd.sd.StableDiffusionGenerator`, loaded from ``generator_path`` with
 ``generator_options``), the text encoder defaults to the pipeline's own, and the generator phase never runs: only
@@ -38,10 +44,11 @@ from ..augment import jpeg_round_trip, reference_cpsd_augment
 from ..config import DRCPSDConfig, check_device
 from ..cpsd import EmbeddingBuffer, train_cpsd_projection
 from ..generator import DiffusionGenerator
+from ..input_space import InputSpace
 from ..losses import generative_distillation_loss, ldm_loss
 from ..synthetic_cache import SyntheticCache, generator_identity, tensor_sha256, to_uint8
 from ..text_encoders import TextEncoder, TextEncoderError, load_text_encoder
-from ..utils import PhaseTimer, dataset_tensors, frozen_copy
+from ..utils import PhaseTimer, dataset_tensors, experience_classes, frozen_copy, is_last_experience
 
 __all__ = ["CPSDGeneratorPlugin"]
 
@@ -84,8 +91,53 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         self._replay: Optional[Tuple[Tuple[int, ...], int, Tensor, Tensor]] = None
         #: ``replay_draw="once"``: each old class's kept synthetic set (uint8 images, class id -> (N, C, H, W))
         self.kept: Dict[int, Tensor] = {}
+        #: ``generator_last_experience="skip"``: the classes whose generator and CPSD phases were left out
+        self.unlearned: List[int] = []
+        #: the input space's per-channel pixel-0 / pixel-1 values and where they came from (plain data, so a
+        #: checkpoint restores them; :attr:`input_space`)
+        self.input_low: Optional[Tuple[float, ...]] = None
+        self.input_high: Optional[Tuple[float, ...]] = None
+        self.input_source: Optional[str] = None
         self._exp = 0
         self._trainable: Optional[bool] = None
+
+    @property
+    def input_space(self) -> InputSpace:
+        """The classifier's input space against the generator's pixels (learned at the first experience; pixels
+        in [0, 1] before it, or when the data are)."""
+        if self.input_low is None:
+            return InputSpace.unit(1)
+        return InputSpace(tuple(self.input_low), tuple(self.input_high), self.input_source or "")
+
+    def check_inputs(self, dataset: Any, where: str, samples: int = 512) -> InputSpace:
+        """Learn the input space from ``dataset`` (the first time) and check ``samples`` of its images, spread
+        over it, against it: a :class:`~avalanche_drcpsd.data.DataError` names the range seen and the setting to
+        change. ``replay_augment="reference"`` (transforms of [0, 1] images) is refused for other spaces."""
+        n = len(dataset)
+        if n == 0:
+            return self.input_space
+        idx = torch.linspace(0, n - 1, min(samples, n)).round().long().unique().tolist()
+        images = torch.stack([torch.as_tensor(dataset[i][0]) for i in idx]).float()
+        if images.dim() != 4:
+            from ..data import DataError
+
+            raise DataError(f"{where}: images of shape {tuple(images.shape[1:])}; expected (C, H, W) tensors")
+        if self.input_low is None:
+            space = InputSpace.resolve(self.config, dataset, images)
+            if not space.is_unit and self.config.replay_augment == "reference":
+                from ..config import ConfigError
+
+                raise ConfigError(f"replay_augment='reference' transforms images in [0, 1], but the inputs are in "
+                                  f"[{min(space.low):.4g}, {max(space.high):.4g}] ({space.source}); use "
+                                  "replay_augment='none' or a benchmark with unnormalised images")
+            self.input_low, self.input_high, self.input_source = space.low, space.high, space.source
+        self.input_space.check(images, where)
+        return self.input_space
+
+    def experience_pixels(self, experience: Any) -> Tuple[Tensor, Tensor]:
+        """An experience's whole data set (its eval transforms) as generator pixels in [0, 1] and labels."""
+        x, y = dataset_tensors(experience.dataset.eval())
+        return self.input_space.to_unit(x), y
 
     @property
     def trainable(self) -> bool:
@@ -189,8 +241,13 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         return self.config.seed * 1_000_003 + 7919 * self._exp
 
     def sample_replay(self, classes: Sequence[int], n_per_class: int) -> Tuple[Tensor, Tensor]:
-        """The replay set of this experience (generated once, in ``before_training_exp``, and reused; read from and
-        written to the synthetic cache as task ``<experience>`` when there is one)."""
+        """The replay set of this experience in the classifier's input space (generated once, in
+        ``before_training_exp``, and reused; read from and written to the synthetic cache as task
+        ``<experience>`` when there is one)."""
+        x, y = self._replay_pixels(classes, n_per_class)
+        return self.input_space.from_unit(x), y
+
+    def _replay_pixels(self, classes: Sequence[int], n_per_class: int) -> Tuple[Tensor, Tensor]:
         key = (tuple(int(c) for c in classes), int(n_per_class))
         if self._replay is None or self._replay[:2] != key:
             if self.config.replay_draw == "once":
@@ -264,8 +321,15 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
 
     def before_training_exp(self, strategy, **kwargs):
         self.setup()
+        if self.unlearned:
+            raise RuntimeError(
+                f"experience {strategy.experience.current_experience} comes after the generator and CPSD phases of "
+                f"classes {self.unlearned} were skipped (generator_last_experience='skip' at the last experience of "
+                "the stream trained before): the generator cannot replay them. Train the whole stream in one call, "
+                "or use generator_last_experience='train' to continue a stream")
         self._exp = strategy.experience.current_experience
         self._replay = None
+        self.check_inputs(strategy.experience.dataset.eval(), f"experience {self._exp}")
         if getattr(self.generator, "output_shape", ()) is None:  # a pretrained generator resumed before any class
             self.generator.set_output_shape(tuple(strategy.experience.dataset[0][0].shape))
         self.begin_experience(self._exp)
@@ -276,20 +340,23 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         self._exp = int(experience)
         old = self.learned_classes
         if old and self.generator is not None:
-            self.sample_replay(old, self.config.n_replay_per_class)
+            self._replay_pixels(old, self.config.n_replay_per_class)
 
     @property
     def replay_set(self) -> Optional[Tuple[Tensor, Tensor]]:
-        """``(images, labels)`` of the replay set drawn for the current experience (None before any)."""
+        """``(pixels in [0, 1], labels)`` of the replay set drawn for the current experience (None before any)."""
         return None if self._replay is None else (self._replay[2], self._replay[3])
 
     def after_training_exp(self, strategy, **kwargs):
-        x, y = dataset_tensors(strategy.experience.dataset.eval())
-        self.learn_classes(x, y)
+        if self.config.generator_last_experience == "skip" and is_last_experience(strategy.experience):
+            self.unlearned = [k for k in experience_classes(strategy.experience) if k not in self.learned_classes]
+            return
+        self.learn_classes(*self.experience_pixels(strategy.experience))
 
     # --- learning new classes ----------------------------------------------------------------------------
     def learn_classes(self, images: Tensor, labels: Tensor) -> None:
-        """Generator and CPSD phases for the classes in ``labels`` that the buffer does not hold yet."""
+        """Generator and CPSD phases for the classes in ``labels`` that the buffer does not hold yet (``images``:
+        pixels in [0, 1], ``(B, C, H, W)``; :meth:`experience_pixels` gives them for an experience)."""
         self.setup()
         new = sorted(set(int(c) for c in labels.unique().tolist()) - set(self.learned_classes))
         if not new:

@@ -19,6 +19,8 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor, nn
 
+from ..utils import experience_classes
+
 __all__ = ["SeenClassMaskPlugin", "SeenClassMask", "MASKED_LOGIT"]
 
 #: the value an unseen class's logit takes
@@ -57,7 +59,7 @@ class SeenClassMaskPlugin(SupervisedPlugin):
         mask.classes = list(self.seen)
 
     def before_training_exp(self, strategy, **kwargs):
-        new = {int(c) for c in strategy.experience.classes_in_this_experience}
+        new = set(experience_classes(strategy.experience))
         self.seen = sorted(set(self.seen) | new)
         self._sync(strategy.model)
 

@@ -22,7 +22,7 @@ from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 
 from ..losses import mmd_gaussian
-from ..utils import dataset_tensors
+from ..utils import dataset_tensors, experience_classes
 
 __all__ = ["MMDPlugin"]
 
@@ -32,8 +32,9 @@ class MMDPlugin(SupervisedPlugin):
 
     def __init__(self, source, *, samples_per_class: int = 64, seed: int = 0):
         """
-        :param source: an object with ``sample(classes, n_per_class, seed=...) -> (x, y)`` and
-            ``learned_classes`` (e.g. :class:`CPSDGeneratorPlugin`).
+        :param source: an object with ``sample(classes, n_per_class, seed=...) -> (x, y)`` (pixels in [0, 1]),
+            ``learned_classes`` and ``input_space`` (:class:`~avalanche_drcpsd.input_space.InputSpace`, which maps
+            the real images to pixels: the gap is measured in pixels), e.g. :class:`CPSDGeneratorPlugin`.
         """
         super().__init__()
         if not isinstance(samples_per_class, int) or samples_per_class < 2:
@@ -54,12 +55,13 @@ class MMDPlugin(SupervisedPlugin):
         return self._synthetic[cls]
 
     def after_eval_exp(self, strategy, **kwargs):
-        learned = set(getattr(self.source, "learned_classes", []))
-        classes = [int(c) for c in strategy.experience.classes_in_this_experience if int(c) in learned]
+        learned = set(self.source.learned_classes)
+        classes = [c for c in experience_classes(strategy.experience) if c in learned]
         if not classes:
             return
         trained = strategy.clock.train_exp_counter
         x, y = dataset_tensors(strategy.experience.dataset.eval())
+        x = self.source.input_space.to_unit(x)
         stream = strategy.experience.origin_stream.name
         for cls in classes:
             real = x[y == cls][: self.samples_per_class]
