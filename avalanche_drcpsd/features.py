@@ -3,15 +3,46 @@
 The penultimate features ``h`` are the input of the classifier's last ``nn.Linear`` (an Avalanche
 ``IncrementalClassifier`` or a plain head alike). A forward pre-hook records them during the ordinary forward
 pass, so the strategy's own forward is reused and nothing is computed twice.
+
+:func:`classify` is the forward every plugin uses: ``model(x)``, or for an Avalanche ``MultiTaskModule`` (e.g.
+``MTSimpleMLP``) Avalanche's own ``avalanche_forward`` with task label 0, the one task of a class-incremental
+stream (the replayed images of old classes carry no other task label).
 """
 
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["find_head", "FeatureRecorder", "forward_with_features"]
+__all__ = ["find_head", "FeatureRecorder", "forward_with_features", "classify", "check_single_task"]
+
+
+def check_single_task(model: nn.Module, experience) -> None:
+    """Refuse a ``MultiTaskModule`` on an experience whose task labels are not all 0: replay and distillation
+    forward mixed batches of old and new classes through task 0's head (:func:`classify`), so a task-incremental
+    stream would train the wrong heads. A single-head model ignores task labels and needs no check."""
+    from avalanche.models import MultiTaskModule
+
+    if not isinstance(model, MultiTaskModule):
+        return
+    labels = sorted(set(int(t) for t in getattr(experience, "task_labels", None) or [0]))
+    if labels != [0]:
+        raise ValueError(f"experience {experience.current_experience} has task labels {labels}, and the model "
+                         f"({type(model).__name__}) is a MultiTaskModule: DR-CPSD's replay and distillation run "
+                         "task 0's head on the replayed old classes, so only class-incremental streams (task label "
+                         "0) are supported with a multi-head model; use a single-head model")
+
+
+def classify(model: nn.Module, x: Tensor) -> Tensor:
+    """The logits of ``model`` on ``x``: ``model(x)``, or task 0's head of a ``MultiTaskModule``."""
+    from avalanche.models import MultiTaskModule
+    from avalanche.models.utils import avalanche_forward
+
+    if isinstance(model, MultiTaskModule):
+        return avalanche_forward(model, x, torch.zeros(len(x), dtype=torch.long, device=x.device))
+    return model(x)
 
 
 def find_head(model: nn.Module, name: Optional[str] = None) -> nn.Module:
@@ -54,7 +85,7 @@ def forward_with_features(model: nn.Module, x: Tensor, layer: Optional[str] = No
     """``(logits, h)`` of one forward pass of ``model`` on ``x``."""
     recorder = FeatureRecorder(model, layer)
     try:
-        logits = model(x)
+        logits = classify(model, x)
     finally:
         recorder.remove()
     assert recorder.features is not None

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor, nn
 
-from ..features import FeatureRecorder, forward_with_features
+from ..features import FeatureRecorder, check_single_task, forward_with_features
 from ..losses import feature_distillation_loss
 from ..utils import frozen_copy
 
@@ -97,8 +97,11 @@ class DistillPlugin(SupervisedPlugin):
 
     # --- hooks -----------------------------------------------------------------------------------------
     def before_training_exp(self, strategy, **kwargs):
+        check_single_task(strategy.model, strategy.experience)
         self.snapshot_old_teacher(strategy)
-        if self.during_training and self._recorder is None:
+        if self.during_training:  # again at every experience: a growing head (IncrementalClassifier) is replaced
+            if self._recorder is not None:
+                self._recorder.remove()
             self._recorder = FeatureRecorder(strategy.model, self.feature_layer)
 
     def before_backward(self, strategy, **kwargs):

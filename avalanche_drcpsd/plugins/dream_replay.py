@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from ..augment import reference_classifier_augment
-from ..features import forward_with_features
+from ..features import check_single_task, classify, forward_with_features
 from ..losses import balanced_kappa, isolation_loss, logit_distillation_loss
 from ..utils import PhaseTimer, experience_classes, interpolate_state_dicts
 from .distill import DistillPlugin
@@ -222,6 +222,7 @@ class DreamReplayPlugin(SupervisedPlugin):
 
     # --- hooks -----------------------------------------------------------------------------------------
     def before_training_exp(self, strategy, **kwargs):
+        check_single_task(strategy.model, strategy.experience)
         self.distill.snapshot_old_teacher(strategy)
 
     def after_training_exp(self, strategy, **kwargs):
@@ -288,7 +289,7 @@ class DreamReplayPlugin(SupervisedPlugin):
                 terms = {"isolation": ce, "distill": kd}
                 if self.kd_weight > 0:
                     with torch.no_grad():
-                        z_old = self.distill.old_teacher(torch.cat([xs, xr]))
+                        z_old = classify(self.distill.old_teacher, torch.cat([xs, xr]))
                     terms["logit_kd"] = logit_distillation_loss(logits, z_old, old_classes, self.kd_temperature)
                 loss = ce + kd + self.kd_weight * terms.get("logit_kd", 0.0)
                 if not torch.isfinite(loss):
@@ -342,7 +343,7 @@ class DreamReplayPlugin(SupervisedPlugin):
                 xs = x_syn[chunk].to(device)
                 if self.syn_transform is not None:
                     xs = self.syn_transform(xs)
-                keep[chunk] = teacher(xs).argmax(1).cpu() == y_syn[chunk]
+                keep[chunk] = classify(teacher, xs).argmax(1).cpu() == y_syn[chunk]
         for k in y_syn.unique():
             if not keep[y_syn == k].any():
                 keep[y_syn == k] = True
