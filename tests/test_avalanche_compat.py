@@ -252,3 +252,35 @@ def test_a_multi_head_model_on_several_tasks_is_refused():
     check_single_task(SimpleMLP(hidden_size=8), Experience())  # a single head ignores task labels
     Experience.task_labels = [0]
     check_single_task(MTSimpleMLP(hidden_size=8), Experience())
+
+
+def test_remapped_class_ids_of_avalanche_split_mnist(avalanche_root):
+    """``class_ids_from_zero_from_first_exp=True`` with a seeded class order: the ids are remapped so the first
+    experience holds 0 and 1, and DRCPSD learns them as any other ids."""
+    from avalanche_drcpsd.data import MNIST_CLASSES
+
+    benchmark = SplitMNIST(n_experiences=5, seed=3, class_ids_from_zero_from_first_exp=True,
+                           dataset_root=str(avalanche_root))
+    assert benchmark.train_stream[0].classes_in_this_experience == [0, 1]
+    stream = _small_stream(benchmark, n_train=48, n_test=16)
+    model = SmallCNN(width=8, feature_dim=16)
+    strategy = DRCPSD(config=tiny_config(), class_names=list(MNIST_CLASSES), verbose=False, **_common(model))
+    strategy.train(stream.train_stream)
+    assert strategy.generator_plugin.learned_classes == [0, 1, 2, 3]
+    assert "Normalize" in strategy.generator_plugin.input_space.source
+
+
+def test_ids_from_zero_in_each_experience_draw_a_warning(avalanche_root):
+    """``class_ids_from_zero_in_each_exp=True`` reuses ids 0 and 1 in every experience: the generator would learn
+    nothing new, and the user is told why."""
+    from avalanche_drcpsd.data import MNIST_CLASSES
+
+    benchmark = SplitMNIST(n_experiences=5, seed=0, class_ids_from_zero_in_each_exp=True,
+                           dataset_root=str(avalanche_root))
+    stream = _small_stream(benchmark, n_train=32, n_test=8)
+    model = SmallCNN(width=8, feature_dim=16)
+    strategy = DRCPSD(config=tiny_config(), class_names=list(MNIST_CLASSES), verbose=False, **_common(model))
+    strategy.train(stream.train_stream[0])
+    with pytest.warns(UserWarning, match=r"experience 1 holds only classes the generator has learned already "
+                                         r"\(\[0, 1\]\).*class_ids_from_zero_in_each_exp"):
+        strategy.train(stream.train_stream[1])

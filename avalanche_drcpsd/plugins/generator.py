@@ -33,6 +33,7 @@ Reference: DR-CPSD (Dream Replay with CLIP Projection Stable Diffusion); generat
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -330,6 +331,13 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         self._exp = strategy.experience.current_experience
         self._replay = None
         self.check_inputs(strategy.experience.dataset.eval(), f"experience {self._exp}")
+        classes = experience_classes(strategy.experience)
+        if self.learned_classes and set(classes) <= set(self.learned_classes):
+            warnings.warn(f"experience {self._exp} holds only classes the generator has learned already ({classes}): "
+                          "the generator and CPSD phases learn nothing new, and dream replay treats them as old "
+                          "classes. A stream made with class_ids_from_zero_in_each_exp=True reuses the ids 0..n-1 "
+                          "in every experience, which a class-incremental method cannot tell apart; use "
+                          "class_ids_from_zero_from_first_exp=True or the original ids", stacklevel=2)
         if getattr(self.generator, "output_shape", ()) is None:  # a pretrained generator resumed before any class
             self.generator.set_output_shape(tuple(strategy.experience.dataset[0][0].shape))
         self.begin_experience(self._exp)
