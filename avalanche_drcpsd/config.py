@@ -50,6 +50,7 @@ _CHOICES = {
     "replay_filter": ("none", "teacher"),
     "generator_memory_format": ("contiguous", "channels_last"),
     "generator_last_experience": ("train", "skip"),
+    "guidance_draw": ("image", "batch"),
 }
 
 
@@ -80,7 +81,7 @@ REFERENCE: Dict[str, Any] = {
     "projection": "reference", "cpsd_epochs": 1, "cpsd_lr": 4e-4, "cpsd_weight_decay": 0.01, "cpsd_batch_size": 4,
     "cpsd_max_images_per_class": None, "cpsd_augment": "reference", "lambda_mmd": 0.003, "mmd_kind": "mean",
     "snr_gamma": 5.0, "cpsd_order": "before_generator",
-    "sampler": "dpm", "sampling_steps": 20, "guidance_scale": (5.0, 9.0),
+    "sampler": "dpm", "sampling_steps": 20, "guidance_scale": (5.0, 9.0), "guidance_draw": "batch",
     "replay_draw": "once", "replay_classes": "seen", "replay_filter": "none", "n_replay_per_class": 6000,
     "replay_augment": "reference", "replay_epochs": 1, "replay_epoch_length": "shorter", "replay_min_steps": 0,
     "replay_batch_real": 16, "replay_batch_syn": 16, "replay_lr": None, "replay_optimizer": "continue",
@@ -206,6 +207,10 @@ class DRCPSDConfig:
     sampling_steps: int = 20
     #: a fixed scale, or ``(low, high)``: a scale drawn from U(low, high) per image (reference: U(5, 9)).
     guidance_scale: Union[float, Tuple[float, float]] = (5.0, 9.0)
+    #: with a ``(low, high)`` guidance scale: ``image`` draws one scale per sampled image (*package*), ``batch``
+    #: one per generation batch of ``sample_batch_size`` images, as the original code does (``np.random.uniform(5,
+    #: 9)`` per pipeline call, ``manager/manager.py`` l. 587).
+    guidance_draw: str = "image"
     sample_batch_size: int = 256
     #: *package*: directory of the synthetic-set cache (``<dir>/task_<k>/<class>/<idx>.png`` + ``manifest.json``,
     #: see :mod:`avalanche_drcpsd.synthetic_cache`); a replay set is reused when its manifest matches. None: off.

@@ -150,8 +150,9 @@ def find_normalize(dataset: Any) -> Optional[Tuple[Tuple[float, ...], Tuple[floa
     found = set()
     for transform in _transforms(dataset, depth=0):
         if isinstance(transform, Normalize):
-            mean = tuple(float(v) for v in torch.as_tensor(transform.mean).flatten().tolist())
-            std = tuple(float(v) for v in torch.as_tensor(transform.std).flatten().tolist())
+            # 7 significant digits: the values as written, without a float32 tensor's rounding noise
+            mean = tuple(float(f"{v:.7g}") for v in torch.as_tensor(transform.mean).flatten().tolist())
+            std = tuple(float(f"{v:.7g}") for v in torch.as_tensor(transform.std).flatten().tolist())
             found.add((mean, std))
     return found.pop() if len(found) == 1 else None
 

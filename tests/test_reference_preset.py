@@ -328,3 +328,34 @@ def test_a_cuda_device_without_cuda_fails_before_anything_is_built(monkeypatch):
     with pytest.raises(ConfigError, match="device='cuda:0'"):
         CPSDGeneratorPlugin(cfg, verbose=False).setup()
     check_device("cpu")
+
+
+@pytest.mark.parametrize("draw", ["image", "batch"])
+def test_guidance_is_drawn_per_image_or_per_generation_batch(mnist_small, monkeypatch, one_thread, draw):
+    """``guidance_draw="batch"`` (the original: one U(5, 9) scale per pipeline call): each generation batch gets
+    one float scale from the range; ``image`` hands the range to the generator, which draws one per image."""
+    from avalanche_drcpsd import CPSDGeneratorPlugin
+    from avalanche_drcpsd.utils import dataset_tensors
+
+    from conftest import tiny_config
+
+    plugin = CPSDGeneratorPlugin(tiny_config(guidance_scale=(5.0, 9.0), guidance_draw=draw, sample_batch_size=3),
+                                 verbose=False)
+    plugin.learn_classes(*dataset_tensors(mnist_small.train_stream[0].dataset.eval()))
+    scales = []
+    original = plugin.generator.sample
+
+    def spy(cond, null, *, guidance_scale, **kwargs):
+        scales.append(guidance_scale)
+        return original(cond, null, guidance_scale=guidance_scale, **kwargs)
+
+    monkeypatch.setattr(plugin.generator, "sample", spy)
+    plugin.sample([0, 1], 7)  # 3 + 3 + 1 images per class
+    assert len(scales) == 6
+    if draw == "batch":
+        assert all(isinstance(s, float) and 5.0 <= s <= 9.0 for s in scales)
+        assert len(set(scales)) == 6, "a new scale for every batch"
+        assert plugin.cache_settings([0], 7, 0)["guidance_draw"] == "batch"
+    else:
+        assert all(s == (5.0, 9.0) for s in scales)
+        assert "guidance_draw" not in plugin.cache_settings([0], 7, 0), "earlier caches' manifests still match"

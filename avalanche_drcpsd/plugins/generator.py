@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from ..augment import jpeg_round_trip, reference_cpsd_augment
 from ..config import DRCPSDConfig, check_device
 from ..cpsd import EmbeddingBuffer, train_cpsd_projection
-from ..generator import DiffusionGenerator
+from ..generator import DiffusionGenerator, draw_guidance_scales
 from ..input_space import InputSpace
 from ..losses import generative_distillation_loss, ldm_loss
 from ..synthetic_cache import SyntheticCache, generator_identity, tensor_sha256, to_uint8
@@ -230,7 +230,10 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
             emb = self.buffer.stack([cls])
             for start in range(0, n_per_class, c.sample_batch_size):
                 b = min(c.sample_batch_size, n_per_class - start)
-                xs.append(gen.sample(emb.expand(b, -1, -1), self.buffer.null, guidance_scale=c.guidance_scale,
+                scale = c.guidance_scale
+                if c.guidance_draw == "batch" and isinstance(scale, tuple):  # one U(low, high) scale per batch
+                    scale = float(draw_guidance_scales(scale, 1, g)[0])
+                xs.append(gen.sample(emb.expand(b, -1, -1), self.buffer.null, guidance_scale=scale,
                                      num_inference_steps=c.sampling_steps, sampler=c.sampler, generator=g).cpu())
                 ys.append(torch.full((b,), int(cls), dtype=torch.long))
                 bar.update(b)
@@ -300,6 +303,8 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
             "guidance_scale": c.guidance_scale, "sampler": c.sampler, "steps": c.sampling_steps,
             "sample_batch_size": c.sample_batch_size, "generator": generator_identity(gen),
             "image_shape": list(shape),
+            # only when not the default, so the manifests of earlier caches still match
+            **({"guidance_draw": c.guidance_draw} if c.guidance_draw != "image" else {}),
         }
 
     def sample_cached(self, classes: Sequence[int], n_per_class: int, *, task: int, seed: Optional[int] = None,
