@@ -636,7 +636,7 @@ class Checkpointer:
         s = self.strategy
         gp = s.generator_plugin
         parts = [("the classifier", s.model)]
-        if gp.generator is not None and not getattr(gp.generator, "frozen", False):
+        if gp.generator is not None and not gp.generator.frozen:
             parts.append(("the generator", gp.generator))
         for what, module in parts:
             for name, t in module.state_dict().items():
@@ -659,8 +659,8 @@ class Checkpointer:
         gen = gp.generator
         gen_info = None
         if gen is not None:
-            shape = getattr(getattr(gen, "spec", None), "image_shape", None) or getattr(gen, "output_shape", None)
-            weights = not getattr(gen, "frozen", False)
+            shape = gen.output_shape
+            weights = not gen.frozen
             gen_info = {"class": type(gen).__name__, "image_shape": list(shape) if shape else None,
                         "weights": weights}
             if weights:

@@ -97,7 +97,7 @@ def _config(parser: argparse.ArgumentParser, **values: Any) -> DRCPSDConfig:
 
 
 def _image_shape(gen) -> Tuple[int, int, int]:
-    return tuple(gen.image_shape) if hasattr(gen, "image_shape") else tuple(gen.spec.image_shape)
+    return tuple(gen.image_shape)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -236,13 +236,11 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"the embedding buffer {args.embeddings!r} has no null embedding (needed for guidance)")
     gen, kind = _load_generator(parser, args)
     if args.image_shape is not None:
-        if not hasattr(gen, "set_output_shape"):
-            parser.error("--image-shape only applies to a Stable Diffusion generator; the offline generator's "
-                         f"images are {tuple(gen.spec.image_shape)}")
         try:
             gen.set_output_shape(args.image_shape)
         except GeneratorError as exc:
-            parser.error(str(exc))
+            parser.error(f"--image-shape only applies to a generator that takes the classifier's shape (a Stable "
+                         f"Diffusion pipeline): {exc}")
     width = gen.unet.config.cross_attention_dim
     if buffer.null.shape[-1] != width:
         parser.error(f"the embeddings in {args.embeddings!r} are {buffer.null.shape[-1]}-d but the generator's "

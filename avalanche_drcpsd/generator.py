@@ -13,14 +13,19 @@
 
 ``save_pretrained``/``from_pretrained`` write and read a directory: ``unet/`` (diffusers format, safetensors),
 ``scheduler/`` and ``generator_config.json``.
+
+:class:`Generator` is the one interface of every generator the package drives (this offline model and the frozen
+pretrained :class:`~avalanche_drcpsd.sd.StableDiffusionGenerator`): what the generator plugin, the CLI, the
+checkpointer and the synthetic cache ask of a generator, with the noising, SNR and LDM loss they share.
 """
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +36,7 @@ from tqdm.auto import tqdm
 from .losses import ldm_loss, snr_from_alphas_cumprod
 from .utils import atomic_write
 
-__all__ = ["GeneratorError", "GeneratorSpec", "DiffusionGenerator", "make_sampling_scheduler", "draw_guidance_scales",
+__all__ = ["GeneratorError", "GeneratorSpec", "Generator", "DiffusionGenerator", "make_sampling_scheduler", "draw_guidance_scales",
            "guided_denoise"]
 
 GuidanceScale = Union[float, Tuple[float, float]]
@@ -113,10 +118,93 @@ def _model_size(h: int, w: int, patch_size: int, levels: int) -> int:
     return -(-side // multiple) * multiple
 
 
-class DiffusionGenerator(nn.Module):
-    """Class-conditioned diffusion on (patched) pixels; the CPSD embeddings are its conditions."""
+class Generator(nn.Module, abc.ABC):
+    """A class-conditioned diffusion generator as the package drives it.
 
+    Subclasses hold a DDPM-family ``noise_scheduler`` and its ``alphas_cumprod`` (a buffer), and implement
+    :meth:`encode` (images in [0, 1] -> model space), :meth:`decode`, :meth:`predict_noise` and :meth:`sample`;
+    the noising, SNR and LDM loss below are shared. ``frozen`` generators (pretrained) are never trained: only the
+    CPSD projections learn."""
+
+    #: True for a pretrained generator that no phase trains
+    frozen: bool = False
     config_name = "generator_config.json"
+
+    @property
+    @abc.abstractmethod
+    def image_shape(self) -> Tuple[int, int, int]:
+        """``(C, H, W)`` of the images :meth:`decode` and :meth:`sample` return."""
+
+    @property
+    def output_shape(self) -> Optional[Tuple[int, int, int]]:
+        """The classifier's ``(C, H, W)`` this generator draws; None while a generator that takes the data's shape
+        (Stable Diffusion) has not been told it. The offline generator's is fixed: :attr:`image_shape`."""
+        return tuple(self.image_shape)
+
+    def set_output_shape(self, shape: Sequence[int]) -> None:
+        """Draw images of ``shape`` from now on; a generator with a fixed shape refuses any other one."""
+        if tuple(shape) != tuple(self.image_shape):
+            raise GeneratorError(f"{type(self).__name__} draws images of shape {tuple(self.image_shape)}, not "
+                                 f"{tuple(shape)}: its shape is fixed when it is built")
+
+    def load_text_encoder(self) -> Optional[Any]:
+        """The text encoder that comes with the generator (a pipeline's own), or None: the configured one."""
+        return None
+
+    @property
+    def identity(self) -> Dict[str, Any]:
+        """JSON-able identity of what this generator draws (the synthetic cache's manifest): by default its class,
+        the SHA-256 of its weights and its spec."""
+        import hashlib
+
+        from .synthetic_cache import tensor_sha256
+
+        digest = hashlib.sha256()
+        for name, value in self.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor_sha256(value).encode())
+        spec = getattr(self, "spec", None)
+        return {"class": type(self).__name__, "weights_sha256": digest.hexdigest(),
+                "spec": asdict(spec) if spec is not None else None}
+
+    @abc.abstractmethod
+    def encode(self, images: Tensor) -> Tensor:
+        """Images in [0, 1] ``(B, C, H, W)`` -> model space."""
+
+    @abc.abstractmethod
+    def decode(self, z: Tensor) -> Tensor:
+        """Model space -> images in [0, 1] of :attr:`image_shape`."""
+
+    @abc.abstractmethod
+    def predict_noise(self, z_t: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
+        """The denoiser's noise prediction for ``z_t`` at ``timesteps`` under conditions ``cond`` ``(B, L, D)``."""
+
+    @abc.abstractmethod
+    def sample(self, cond: Tensor, null: Tensor, *, guidance_scale: "GuidanceScale" = 2.0,
+               num_inference_steps: int = 20, sampler: str = "dpm",
+               generator: Optional[torch.Generator] = None) -> Tensor:
+        """Images in [0, 1] for conditions ``cond`` with classifier-free guidance against ``null``."""
+
+    def noisy(self, z0: Tensor, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(z_t, noise, t)`` for uniformly drawn timesteps."""
+        b = z0.shape[0]
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
+        t = t.to(z0.device)
+        noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
+        return self.noise_scheduler.add_noise(z0, noise, t), noise, t
+
+    def snr(self, timesteps: Tensor) -> Tensor:
+        return snr_from_alphas_cumprod(self.alphas_cumprod, timesteps)
+
+    def training_loss(self, images: Tensor, cond: Tensor, snr_gamma: Optional[float] = 5.0,
+                      generator: Optional[torch.Generator] = None) -> Tensor:
+        """:math:`\\mathcal{L}_{LDM}` of a batch of images in [0, 1] under conditions ``cond`` ``(B, L, D)``."""
+        z_t, noise, t = self.noisy(self.encode(images), generator)
+        return ldm_loss(self.predict_noise(z_t, t, cond), noise, self.snr(t), snr_gamma)
+
+
+class DiffusionGenerator(Generator):
+    """Class-conditioned diffusion on (patched) pixels; the CPSD embeddings are its conditions."""
 
     def __init__(self, unet: UNet2DConditionModel, noise_scheduler: DDPMScheduler, spec: GeneratorSpec):
         super().__init__()
@@ -199,22 +287,9 @@ class DiffusionGenerator(nn.Module):
     def predict_noise(self, z_t: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
         return self.unet(z_t, timesteps, encoder_hidden_states=cond).sample
 
-    def noisy(self, z0: Tensor, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        """``(z_t, noise, t)`` for uniformly drawn timesteps."""
-        b = z0.shape[0]
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
-        t = t.to(z0.device)
-        noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
-        return self.noise_scheduler.add_noise(z0, noise, t), noise, t
-
-    def snr(self, timesteps: Tensor) -> Tensor:
-        return snr_from_alphas_cumprod(self.alphas_cumprod, timesteps)
-
-    def training_loss(self, images: Tensor, cond: Tensor, snr_gamma: Optional[float] = 5.0,
-                      generator: Optional[torch.Generator] = None) -> Tensor:
-        """:math:`\\mathcal{L}_{LDM}` of a batch of images in [0, 1] under conditions ``cond`` ``(B, L, D)``."""
-        z_t, noise, t = self.noisy(self.encode(images), generator)
-        return ldm_loss(self.predict_noise(z_t, t, cond), noise, self.snr(t), snr_gamma)
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        return tuple(self.spec.image_shape)
 
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -7,7 +7,8 @@ diffusers pipeline directory (``model_index.json``, ``unet/``, ``vae/``, ``text_
 ``scheduler/``), freezes them, and exposes the protocol that
 :func:`~avalanche_drcpsd.cpsd.train_cpsd_projection` and
 :class:`~avalanche_drcpsd.plugins.generator.CPSDGeneratorPlugin` use on the offline
-:class:`~avalanche_drcpsd.generator.DiffusionGenerator`:
+:class:`~avalanche_drcpsd.generator.DiffusionGenerator` (both implement
+:class:`~avalanche_drcpsd.generator.Generator`):
 
 * ``encode(images)``: classifier images in [0, 1] -> VAE latents :math:`z_0 = s\,\mathbb{E}[q(z|x)]` (``s`` the
   VAE's ``scaling_factor``; images are converted to RGB at the pipeline's resolution first);
@@ -16,7 +17,7 @@ diffusers pipeline directory (``model_index.json``, ``unet/``, ``vae/``, ``text_
 * ``predict_noise(z_t, t, cond)``: the UNet's :math:`\hat\epsilon` (a v-prediction UNet's output is converted to
   :math:`\hat\epsilon = \sqrt{\bar\alpha_t}\,\hat v + \sqrt{1-\bar\alpha_t}\,z_t`, so the CPSD losses of
   :mod:`avalanche_drcpsd.losses` apply unchanged);
-* ``noisy``, ``snr`` and ``training_loss``: :class:`DiffusionGenerator`'s own (shared, not copied);
+* ``noisy``, ``snr`` and ``training_loss``: :class:`~avalanche_drcpsd.generator.Generator`'s (shared);
 * ``sample(cond, null, guidance_scale, num_inference_steps, sampler, generator)``: DPM-Solver++ (20 steps in the
   reference) with classifier-free guidance against the empty prompt, the scale drawn from U(5, 9) per image.
 
@@ -40,8 +41,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
 from .config import SD_OPTION_KEYS
-from .generator import (DiffusionGenerator, GeneratorError, GuidanceScale, draw_guidance_scales, guided_denoise,
-                        make_sampling_scheduler)
+from .generator import (DiffusionGenerator, Generator, GeneratorError, GuidanceScale, draw_guidance_scales,
+                        guided_denoise, make_sampling_scheduler)
 from .utils import atomic_write
 
 __all__ = [
@@ -224,7 +225,7 @@ def _freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
-class StableDiffusionGenerator(nn.Module):
+class StableDiffusionGenerator(Generator):
     """A frozen pretrained Stable Diffusion (UNet + VAE) speaking the package's generator protocol.
 
     Build it with :meth:`from_pretrained`; the pipeline's text encoder comes from :meth:`load_text_encoder`.
@@ -233,7 +234,6 @@ class StableDiffusionGenerator(nn.Module):
     """
 
     frozen = True
-    config_name = DiffusionGenerator.config_name
 
     def __init__(
         self,
@@ -275,7 +275,7 @@ class StableDiffusionGenerator(nn.Module):
         if vae_latent not in ("mode", "sample"):
             raise StableDiffusionError(f"vae_latent={vae_latent!r}; expected 'mode' or 'sample'")
         self.vae_latent = vae_latent
-        self.output_shape: Optional[Tuple[int, int, int]] = None
+        self._output_shape: Optional[Tuple[int, int, int]] = None
         if output_shape is not None:
             self.set_output_shape(output_shape)
         self.prediction_type = noise_scheduler.config.prediction_type
@@ -418,12 +418,16 @@ class StableDiffusionGenerator(nn.Module):
 
     def set_output_shape(self, shape: Sequence[int]) -> None:
         """The classifier's ``(C, H, W)`` (``C`` 1 or 3) that :meth:`decode` and :meth:`sample` return."""
-        self.output_shape = _check_shape(shape)
+        self._output_shape = _check_shape(shape)
+
+    @property
+    def output_shape(self) -> Optional[Tuple[int, int, int]]:
+        return self._output_shape
 
     @property
     def image_shape(self) -> Tuple[int, int, int]:
         """What :meth:`decode` returns: ``output_shape``, else ``(3, resolution, resolution)``."""
-        return self.output_shape or (3, self.resolution, self.resolution)
+        return self._output_shape or (3, self.resolution, self.resolution)
 
     @property
     def latent_shape(self) -> Tuple[int, int, int]:
@@ -486,12 +490,6 @@ class StableDiffusionGenerator(nn.Module):
             return out
         abar = self.alphas_cumprod.to(device)[t.long()].view(-1, 1, 1, 1)
         return abar.sqrt() * out + (1.0 - abar).sqrt() * z_t.to(device).float()
-
-    # Noise, SNR and the LDM loss are the offline generator's own: they only use ``noise_scheduler``,
-    # ``alphas_cumprod``, ``encode`` and ``predict_noise``.
-    noisy = DiffusionGenerator.noisy
-    snr = DiffusionGenerator.snr
-    training_loss = DiffusionGenerator.training_loss
 
     @torch.no_grad()
     def sample(

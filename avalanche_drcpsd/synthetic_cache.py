@@ -34,7 +34,6 @@ import json
 import os
 import re
 import warnings
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -87,19 +86,11 @@ def tensor_sha256(tensor: Tensor) -> str:
 
 
 def generator_identity(generator: nn.Module) -> Dict[str, Any]:
-    """What makes a generator's samples what they are, JSON-able: its own ``identity`` when it has one (a
-    :class:`~avalanche_drcpsd.sd.StableDiffusionGenerator`: the pipeline's fingerprint, dtype, resolution), else its
-    class, spec and the SHA-256 of its weights (the offline generator is trained, so its weights are its identity)."""
-    identity = getattr(generator, "identity", None)
-    if isinstance(identity, dict):
-        return dict(identity)
-    digest = hashlib.sha256()
-    for name, value in generator.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor_sha256(value).encode())
-    spec = getattr(generator, "spec", None)
-    return {"class": type(generator).__name__, "weights_sha256": digest.hexdigest(),
-            "spec": asdict(spec) if is_dataclass(spec) else None}
+    """What makes a generator's samples what they are, JSON-able: its
+    :attr:`~avalanche_drcpsd.generator.Generator.identity` (a Stable Diffusion pipeline's fingerprint, dtype and
+    resolution; the offline generator's class, spec and the SHA-256 of its weights: it is trained, so its weights
+    are its identity)."""
+    return dict(generator.identity)
 
 
 def quantize(images: Tensor) -> Tensor:

@@ -147,13 +147,13 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         embeddings of new classes are then learned."""
         if self._trainable is not None:
             return self._trainable
-        return self.config.generator == "unet" and not getattr(self.generator, "frozen", False)
+        return self.config.generator == "unet" and not (self.generator is not None and self.generator.frozen)
 
     @trainable.setter
     def trainable(self, value: bool) -> None:
         if not isinstance(value, bool):
             raise TypeError(f"trainable={value!r}; expected True or False")
-        if value and getattr(self.generator, "frozen", False):
+        if value and self.generator is not None and self.generator.frozen:
             raise ValueError("trainable=True for a frozen pretrained generator; only the CPSD projections learn")
         self._trainable = value
 
@@ -168,11 +168,10 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
 
             self.generator = StableDiffusionGenerator.from_pretrained(c.generator_path, device=c.device,
                                                                       **(c.generator_options or {}))
+        if self.text_encoder is None and c.text_encoder is None and self.generator is not None:
+            self.text_encoder = self.generator.load_text_encoder()  # a pipeline's own encoder, or None
         if self.text_encoder is None:
-            if c.text_encoder is None and hasattr(self.generator, "load_text_encoder"):
-                self.text_encoder = self.generator.load_text_encoder()
-            else:
-                self.text_encoder = load_text_encoder(c.text_encoder)
+            self.text_encoder = load_text_encoder(c.text_encoder)
         if self.buffer is None:
             self.buffer = EmbeddingBuffer(null=self.text_encoder.null_embedding(),
                                           encoder_identity=self.text_encoder.identity)
@@ -185,7 +184,7 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
                                        f"the generator's cross_attention_dim {width}")
 
     def _ensure_generator(self, image_shape: Sequence[int]) -> DiffusionGenerator:
-        if hasattr(self.generator, "set_output_shape") and self.generator.output_shape != tuple(image_shape):
+        if self.generator is not None and self.generator.output_shape != tuple(image_shape):
             self.generator.set_output_shape(image_shape)  # a pretrained generator's images take the data's shape
         if self.generator is None:
             c = self.config
@@ -293,7 +292,7 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         c = self.config
         gen = self.generator
         classes = [int(k) for k in classes]
-        shape = gen.image_shape if hasattr(gen, "image_shape") else gen.spec.image_shape
+        shape = gen.image_shape
         return {
             "classes": classes, "n_per_class": int(n_per_class),
             "prompts": {str(k): self.buffer.prompts.get(k, "") for k in classes},
@@ -343,7 +342,7 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
                           "classes. A stream made with class_ids_from_zero_in_each_exp=True reuses the ids 0..n-1 "
                           "in every experience, which a class-incremental method cannot tell apart; use "
                           "class_ids_from_zero_from_first_exp=True or the original ids", stacklevel=2)
-        if getattr(self.generator, "output_shape", ()) is None:  # a pretrained generator resumed before any class
+        if self.generator is not None and self.generator.output_shape is None:  # resumed before any class
             self.generator.set_output_shape(tuple(strategy.experience.dataset[0][0].shape))
         self.begin_experience(self._exp)
 
