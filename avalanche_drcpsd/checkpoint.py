@@ -566,9 +566,11 @@ class _RunGuard(SupervisedPlugin):
 
 
 def _trigger(strategy, plugins: Sequence[Any], event: str) -> None:
-    for plugin in plugins:
-        if hasattr(plugin, event):
-            getattr(plugin, event)(strategy)
+    """Avalanche's ``trigger_plugins`` on ``plugins`` only."""
+    from avalanche.training.utils import trigger_plugins
+
+    with _only_plugins(strategy, plugins):
+        trigger_plugins(strategy, event)
 
 
 @contextlib.contextmanager

@@ -54,16 +54,15 @@ def find_head(model: nn.Module, name: Optional[str] = None) -> nn.Module:
         except AttributeError:
             names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
             raise ValueError(f"feature_layer={name!r} is not a submodule of the model; linear layers: {names}") from None
-    head = None
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            head = module
-    if head is None:
+    from avalanche.training.utils import get_last_fc_layer
+
+    try:
+        return get_last_fc_layer(model)[1]
+    except ValueError:
         raise ValueError(
             f"{type(model).__name__} has no nn.Linear layer; pass feature_layer= the name of the module whose "
             "input are the penultimate features"
-        )
-    return head
+        ) from None
 
 
 class FeatureRecorder:

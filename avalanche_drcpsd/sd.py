@@ -43,7 +43,8 @@ from torch import Tensor, nn
 from .config import SD_OPTION_KEYS
 from .generator import (DiffusionGenerator, Generator, GeneratorError, GuidanceScale, draw_guidance_scales,
                         guided_denoise, make_sampling_scheduler)
-from .utils import atomic_write
+from .utils import atomic_write, freeze
+from .utils import parse_dtype as _parse_dtype  # re-raised as StableDiffusionError below
 
 __all__ = [
     "StableDiffusionError",
@@ -70,7 +71,6 @@ _EXPECTED = ("a diffusers Stable Diffusion pipeline directory (StableDiffusionPi
 _WEIGHT_STEMS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
                  "text_encoder": ("model", "pytorch_model")}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")
 _POINTER_CLASS = "StableDiffusionGenerator"
 
@@ -160,16 +160,9 @@ def pipeline_fingerprint(directory: PathLike, *, full: bool = False) -> str:
 
 
 def parse_dtype(value: Union[str, torch.dtype]) -> torch.dtype:
-    """``torch.bfloat16`` from ``"bfloat16"``, ``"bf16"``, ``"torch.bfloat16"`` or the dtype itself."""
-    if isinstance(value, torch.dtype):
-        dtype = value
-    else:
-        name = str(value).replace("torch.", "")
-        dtype = getattr(torch, _DTYPE_ALIASES.get(name, name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise StableDiffusionError(f"torch_dtype={value!r}; expected a floating dtype such as 'float32', "
-                                   "'bfloat16' (bf16) or 'float16' (fp16)")
-    return dtype
+    """``torch.bfloat16`` from ``"bfloat16"``, ``"bf16"``, ``"torch.bfloat16"`` or the dtype itself
+    (:func:`avalanche_drcpsd.utils.parse_dtype` raising :class:`StableDiffusionError`)."""
+    return _parse_dtype(value, name="torch_dtype", error=StableDiffusionError)
 
 
 def _detect_variant(component_dir: Path, stems: Sequence[str]) -> Optional[str]:
@@ -220,11 +213,6 @@ def to_pipeline_images(images: Tensor, resolution: int) -> Tensor:
 # --------------------------------------------------------------------------------------------------------
 # The generator
 # --------------------------------------------------------------------------------------------------------
-def _freeze(module: nn.Module) -> nn.Module:
-    module.requires_grad_(False)
-    return module.eval()
-
-
 class StableDiffusionGenerator(Generator):
     """A frozen pretrained Stable Diffusion (UNet + VAE) speaking the package's generator protocol.
 
@@ -253,8 +241,8 @@ class StableDiffusionGenerator(Generator):
         fingerprint: Optional[str] = None,
     ):
         super().__init__()
-        self.unet = _freeze(unet)
-        self.vae = _freeze(vae)
+        self.unet = freeze(unet)
+        self.vae = freeze(vae)
         self.noise_scheduler = noise_scheduler
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.resolution = int(resolution or unet.config.sample_size * self.vae_scale_factor)

@@ -32,6 +32,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .utils import freeze, parse_dtype
+
 __all__ = [
     "TextEncoderError",
     "MissingWeightsError",
@@ -78,13 +80,6 @@ class MissingWeightsError(TextEncoderError, FileNotFoundError):
 # --------------------------------------------------------------------------------------------------
 
 
-def _freeze(module: nn.Module) -> nn.Module:
-    """Put ``module`` in eval mode and turn off ``requires_grad`` for all its parameters (in place)."""
-    module.requires_grad_(False)
-    module.eval()
-    return module
-
-
 def _check_prompts(prompts: Sequence[str]) -> List[str]:
     """Return ``prompts`` as a list, or raise :class:`TextEncoderError` unless it is a non-empty sequence of str."""
     if isinstance(prompts, str):
@@ -120,7 +115,7 @@ class TextEncoder(nn.Module, ABC):
         self.context_length = int(context_length)
         self.hidden_size = int(hidden_size)
         self.identity = identity
-        _freeze(self)
+        freeze(self)
 
     def train(self, mode: bool = True) -> "TextEncoder":
         """Ignore ``mode``: a frozen encoder always stays in eval mode."""
@@ -603,20 +598,10 @@ class OpenCLIPTextEncoder(TextEncoder):
 # --------------------------------------------------------------------------------------------------
 
 
-def _dtype_from_spec(value: Union[str, torch.dtype]) -> torch.dtype:
-    """``torch.float16`` from ``"float16"`` / ``"torch.float16"`` / ``torch.float16``."""
-    if isinstance(value, torch.dtype):
-        return value
-    dtype = getattr(torch, str(value).replace("torch.", ""), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TextEncoderError(f"dtype must name a floating torch dtype such as 'float32' or 'float16', got {value!r}")
-    return dtype
-
-
 def _load_hf_clip(
     path: PathLike, subfolder: Optional[str] = None, device: DeviceLike = "cpu", dtype: Any = "float32"
 ) -> TextEncoder:
-    return HFCLIPTextEncoder.from_pretrained(path, subfolder=subfolder, device=device, dtype=_dtype_from_spec(dtype))
+    return HFCLIPTextEncoder.from_pretrained(path, subfolder=subfolder, device=device, dtype=parse_dtype(dtype, name="dtype", error=TextEncoderError))
 
 
 def _load_open_clip(model: str, checkpoint: PathLike, device: DeviceLike = "cpu") -> TextEncoder:

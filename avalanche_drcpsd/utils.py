@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
+    "freeze",
     "frozen_copy",
+    "parse_dtype",
     "interpolate_state_dicts",
     "atomic_write",
     "atomic_write_bytes",
@@ -37,13 +39,33 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def freeze(module: nn.Module) -> nn.Module:
+    """``module`` in eval mode with ``requires_grad=False`` for every parameter (in place); returns it."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy in eval mode with ``requires_grad=False`` everywhere (a teacher)."""
-    teacher = copy.deepcopy(model)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
+    return freeze(copy.deepcopy(model))
+
+
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def parse_dtype(value: Union[str, torch.dtype], *, name: str = "torch_dtype",
+                error: type = ValueError) -> torch.dtype:
+    """``torch.bfloat16`` from ``"bfloat16"``, ``"bf16"``, ``"torch.bfloat16"`` or the dtype itself; anything but
+    a floating dtype raises ``error`` naming ``name`` and the value."""
+    if isinstance(value, torch.dtype):
+        dtype = value
+    else:
+        text = str(value).replace("torch.", "")
+        dtype = getattr(torch, _DTYPE_ALIASES.get(text, text), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise error(f"{name}={value!r}; expected a floating dtype such as 'float32', 'bfloat16' (bf16) or "
+                    "'float16' (fp16)")
+    return dtype
 
 
 def interpolate_state_dicts(old: Mapping[str, Tensor], new: Mapping[str, Tensor], alpha: float) -> Dict[str, Tensor]:
