@@ -1,8 +1,10 @@
 """One typed, validated configuration object for DR-CPSD.
 
-Every field has the default of the reference implementation (``../shared/REFERENCE.md``) unless the field
-only exists in this package (the offline generator, the CPU budget knobs); those are marked *package*.
-Profiles (``experiments/*.json``) override fields for a machine or a benchmark.
+Fields that exist only in this package (the offline generator, the CPU budget knobs, measured alternatives) are
+marked *package*. The defaults are not all the original code's: :data:`REFERENCE` (``DRCPSDConfig.reference()``)
+holds every value the original DR-CPSD code (isaacNingLee/CPSD) sets, and README's parameter table gives each
+field's default beside the original's. Profiles (``experiments/*.json``) override fields for a machine or a
+benchmark.
 
 All validation happens in ``__post_init__``: an invalid value raises :class:`ConfigError`, which names the
 field, the bad value and what was expected, before any model is built or any data is read.
@@ -188,7 +190,7 @@ class DRCPSDConfig:
     #: replace the live ones: they are the weights sampled, saved, and used as the next experience's teacher.
     generator_ema_decay: float = 0.0
     #: *package*: memory format of the generator's UNet weights (``channels_last``: NHWC, the layout cuDNN's
-    #: tensor cores and oneDNN prefer; the values and the saved files do not change). On this project's 2-core CPU
+    #: tensor cores and oneDNN prefer; the values and the saved files do not change). On a 2-core CPU
     #: a training step of the CPU profiles' UNet took 1.5% less time, within the noise (interleaved steps,
     #: ``results/generator/README.md``), so the CPU profiles keep ``contiguous``; a GPU figure is owed.
     generator_memory_format: str = "contiguous"

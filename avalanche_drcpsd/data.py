@@ -6,7 +6,7 @@ data sets that carry task label 0, so metric names end with ``/Task000`` and str
 ``torch.int64``. The returned benchmark has two extra attributes: ``class_names`` (list of str, index = label)
 and ``spec`` (:class:`BenchmarkSpec`).
 
-Data layout under ``data_root`` (the format of ``../shared/data/README.md``)::
+Data layout under ``data_root`` (the data folder README's format)::
 
     MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
     FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
@@ -78,7 +78,7 @@ SPLIT_BENCHMARKS = ("split_mnist", "split_fmnist", "split_cifar10", "split_gtsrb
 #: Valid names for :func:`make_benchmark`: the embedded default and the split benchmarks.
 BENCHMARKS = ("default",) + SPLIT_BENCHMARKS
 
-DATA_README = "../shared/data/README.md"
+DATA_README = "the data folder's README.md (layout in avalanche_drcpsd.data's docstring)"
 CACHE_ENV = "AVALANCHE_DRCPSD_CACHE"
 
 MNIST_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -86,7 +86,7 @@ FMNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
 
-#: md5 of every file in ``../shared/data`` (``verify=True`` checks them; they equal torchvision's for IDX).
+#: md5 of every file of the data folder (``verify=True`` checks them; they equal torchvision's for IDX).
 MD5 = {
     "MNIST/raw/train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
     "MNIST/raw/train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
@@ -112,7 +112,7 @@ class MissingDataError(DataError, FileNotFoundError):
 
 
 class ChecksumError(DataError):
-    """A data file whose md5 differs from the one in ``../shared/data/README.md`` (``verify=True``)."""
+    """A data file whose md5 differs from the one in the data folder's README (``verify=True``)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -578,13 +578,13 @@ def _build_from_root(
 _BUILDER_DOC = """
 
     Args:
-        data_root: the folder with the layout of ``../shared/data/README.md``.
+        data_root: the folder with the layout above.
         n_experiences: 1..num_classes; classes are split near-equally, larger experiences first.
         train_per_class / test_per_class: keep only the first k of each class after a seeded permutation
             (None: all).
         seed: the seed of that permutation (the benchmark is deterministic given its arguments).
         class_order: the order in which classes arrive (default: natural order 0..K-1).
-        verify: check the files' md5 against ``../shared/data/README.md`` first.
+        verify: check the files' md5 against the data folder README's md5s first.
         cache_dir / use_cache: where decoded packed images are cached (``.npz`` data sets only).
 
     Returns:

@@ -4,8 +4,8 @@
   (the ``(L, D)`` projected token states of the frozen text encoder).
 * Space-to-depth (``patch_size``): images are padded to a size the UNet can halve, then each
   ``p x p`` patch becomes ``p*p`` channels (``pixel_unshuffle``), as in "simple diffusion" (Hoogeboom et al.,
-  ICML 2023). It is lossless and has no weights, so unlike a learned autoencoder it cannot forget; on this
-  project's 2-core CPU a ``p=2`` UNet trains 2.7x and samples 3.0x faster than the same UNet on raw 28x28
+  ICML 2023). It is lossless and has no weights, so unlike a learned autoencoder it cannot forget; on
+  a 2-core CPU a ``p=2`` UNet trains 2.7x and samples 3.0x faster than the same UNet on raw 28x28
   pixels (``benchmarks/unet_cost.py``, ``results/unet_cost.csv``).
 * Schedulers from diffusers, built from plain configs and swappable: ``DDPMScheduler`` for training noise,
   ``DPMSolverMultistepScheduler`` (default) or ``DDIMScheduler`` for few-step sampling.

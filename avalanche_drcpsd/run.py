@@ -558,7 +558,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--config", help="experiment JSON: run that one experiment (default: the built-in main job "
                                          "on the embedded data)")
     parser.add_argument("--benchmark", help="override: default, split_mnist, split_fmnist, split_cifar10, split_gtsrb")
-    parser.add_argument("--data-root", help="override: folder with the data sets (e.g. ../shared/data)")
+    parser.add_argument("--data-root", help="override: folder with the data sets (e.g. data/ with MNIST/raw/*.gz)")
     parser.add_argument("--strategy", choices=STRATEGIES, help="override the strategy (one run, not the main job)")
     parser.add_argument("--strategies", help="the main job's strategies, comma-separated, in the order they run "
                                              f"(default {','.join(MAIN_JOB_STRATEGIES)}; 'all': every strategy); "

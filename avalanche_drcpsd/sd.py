@@ -2,7 +2,7 @@ r"""A frozen pretrained Stable Diffusion as the DR-CPSD generator: the published
 
 DR-CPSD freezes a pretrained Stable Diffusion (VAE, UNet and CLIP text encoder) and learns only one CPSD
 projection per class (``Linear(77, 77)`` over the token positions of the text encoder's states, identity
-initialised; ``../shared/REFERENCE.md``). :class:`StableDiffusionGenerator` loads the three networks from a local
+initialised, as the paper describes it; ``projection="reference"`` is the original code's reshape form). :class:`StableDiffusionGenerator` loads the three networks from a local
 diffusers pipeline directory (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
 ``scheduler/``), freezes them, and exposes the protocol that
 :func:`~avalanche_drcpsd.cpsd.train_cpsd_projection` and
