@@ -21,14 +21,15 @@ import string
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Tuple, Union
 
-__all__ = ["ConfigError", "DRCPSDConfig", "check_prompt_template", "check_device", "REFERENCE", "PRESETS"]
+__all__ = ["ConfigError", "DRCPSDConfig", "CHOICES", "check_prompt_template", "check_device", "REFERENCE", "PRESETS"]
 
 
 class ConfigError(ValueError):
     """An invalid configuration value (the message names the field, the value and what was expected)."""
 
 
-_CHOICES = {
+#: the valid values of every choice field, the one table the config and the plugins validate against
+CHOICES = {
     "generator": ("unet", "stable_diffusion"),
     "projection": ("token", "hidden", "reference"),
     "cpsd_augment": ("none", "reference"),
@@ -337,7 +338,7 @@ class DRCPSDConfig:
     # ------------------------------------------------------------------------------------------------
     def validate(self) -> "DRCPSDConfig":
         """Check every field; raise :class:`ConfigError` naming the first bad one."""
-        for name, choices in _CHOICES.items():
+        for name, choices in CHOICES.items():
             value = getattr(self, name)
             if value not in choices:
                 raise ConfigError(f"{name}={value!r} is not valid; expected one of {list(choices)}")

@@ -18,13 +18,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .config import CHOICES
 from .losses import cpsd_loss
 from .utils import atomic_write
 
 __all__ = ["CPSDProjection", "EmbeddingBuffer", "train_cpsd_projection", "PROJECTIONS"]
 
 #: the forms of the projection (:class:`CPSDProjection`)
-PROJECTIONS = ("token", "hidden", "reference")
+PROJECTIONS = CHOICES["projection"]
 
 
 class CPSDProjection(nn.Module):

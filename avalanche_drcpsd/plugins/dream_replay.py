@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from ..augment import reference_classifier_augment
+from ..config import CHOICES
 from ..features import check_single_task, classify, forward_with_features
 from ..losses import balanced_kappa, isolation_loss, logit_distillation_loss
 from ..utils import PhaseTimer, experience_classes, interpolate_state_dicts
@@ -143,15 +144,16 @@ class DreamReplayPlugin(SupervisedPlugin):
         :param syn_transform: applied to synthetic batches (e.g. the benchmark's normalisation).
         """
         super().__init__()
-        for name, value, choices in (("replay_classes", replay_classes, ("old", "seen")),
-                                     ("replay_filter", replay_filter, ("none", "teacher")),
-                                     ("student_init", student_init, ("average", "ema")),
-                                     ("student_bn", student_bn, ("average", "new")),
-                                     ("epoch_length", epoch_length, ("longer", "shorter")),
-                                     ("augment", augment, ("none", "reference")),
-                                     ("teacher_mode", teacher_mode, ("eval", "student")),
-                                     ("optimizer", optimizer, ("fresh", "continue")),
-                                     ("kappa_schedule", kappa_schedule, ("constant", "balanced"))):
+        for name, value, field in (("replay_classes", replay_classes, "replay_classes"),
+                                   ("replay_filter", replay_filter, "replay_filter"),
+                                   ("student_init", student_init, "student_init"),
+                                   ("student_bn", student_bn, "student_bn"),
+                                   ("epoch_length", epoch_length, "replay_epoch_length"),
+                                   ("augment", augment, "replay_augment"),
+                                   ("teacher_mode", teacher_mode, "teacher_mode"),
+                                   ("optimizer", optimizer, "replay_optimizer"),
+                                   ("kappa_schedule", kappa_schedule, "kappa_schedule")):
+            choices = CHOICES[field]  # the config's table: one list of valid values per choice
             if value not in choices:
                 raise ValueError(f"{name}={value!r}; expected one of {list(choices)}")
         for name, v in (("n_replay_per_class", n_replay_per_class), ("replay_epochs", replay_epochs),
