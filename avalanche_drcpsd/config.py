@@ -461,28 +461,12 @@ class DRCPSDConfig:
             if preset not in PRESETS:
                 raise ConfigError(f"preset={preset!r} is not valid; expected one of {list(PRESETS)}")
             values = {**PRESETS[preset], **values}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {sorted(known)}")
-        try:
-            return cls(**values)
-        except TypeError as exc:  # e.g. a list where a number was expected, caught by our checks first mostly
-            raise ConfigError(str(exc)) from exc
+        return build_from_fields(cls, values, "config")
 
     @classmethod
     def from_json(cls, path: Union[str, os.PathLike]) -> "DRCPSDConfig":
         """Read a JSON file (plain data only; nothing in a config is ever executed)."""
-        try:
-            with open(path, "r", encoding="utf-8") as fh:
-                values = json.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {os.fspath(path)!r} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {os.fspath(path)!r} is not valid JSON: {exc}") from None
-        except (OSError, RecursionError, ValueError) as exc:
-            raise ConfigError(f"config file {os.fspath(path)!r} cannot be read: {exc}") from None
-        return cls.from_dict(values)
+        return cls.from_dict(read_json(path, "config file"))
 
     def replace(self, **changes: Any) -> "DRCPSDConfig":
         """A validated copy with some fields changed."""
@@ -500,6 +484,33 @@ class DRCPSDConfig:
 
 
 # --------------------------------------------------------------------------------------------------------
+def build_from_fields(cls: type, values: Dict[str, Any], what: str) -> Any:
+    """``cls(**values)`` for a dataclass, with an unknown key or a wrongly typed value raised as
+    :class:`ConfigError` (``what`` names the kind of config in the message)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted((k for k in values if k not in known), key=repr)
+    if unknown:
+        raise ConfigError(f"unknown {what} field(s) {unknown}; valid fields: {sorted(known)}")
+    try:
+        return cls(**values)
+    except TypeError as exc:  # e.g. a list where a number was expected, caught by our checks first mostly
+        raise ConfigError(str(exc)) from exc
+
+
+def read_json(path: Union[str, os.PathLike], what: str) -> Any:
+    """The plain data of a JSON file (nothing in it is executed); every failure is a :class:`ConfigError` naming
+    ``what`` and the path."""
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {os.fspath(path)!r} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {os.fspath(path)!r} is not valid JSON: {exc}") from None
+    except (OSError, RecursionError, ValueError) as exc:
+        raise ConfigError(f"{what} {os.fspath(path)!r} cannot be read: {exc}") from None
+
+
 def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name}={value!r} must be a finite number")

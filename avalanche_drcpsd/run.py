@@ -34,7 +34,7 @@ import torch
 
 from .baselines import (STRATEGIES, generator_parameters, is_joint, make_baseline, memory_bytes, memory_info,
                         stored_real_images)
-from .config import ConfigError, DRCPSDConfig, check_device
+from .config import ConfigError, DRCPSDConfig, build_from_fields, check_device, read_json
 from .data import BENCHMARKS
 from .utils import atomic_write, atomic_write_csv, atomic_write_text
 
@@ -112,28 +112,12 @@ class ExperimentConfig:
         """Build from a plain dict (JSON); an unknown key or a bad value raises :class:`ConfigError`."""
         if not isinstance(values, dict):
             raise ConfigError(f"an experiment config must be a JSON object/dict, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted((k for k in values if k not in known), key=repr)
-        if unknown:
-            raise ConfigError(f"unknown experiment field(s) {unknown}; valid fields: {sorted(known)}")
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ConfigError(str(exc)) from exc
+        return build_from_fields(cls, values, "experiment")
 
     @classmethod
     def from_json(cls, path: str) -> "ExperimentConfig":
         """Read a JSON file (plain data only; nothing in a config is ever executed)."""
-        try:
-            with open(path, "r", encoding="utf-8") as fh:
-                values = json.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"experiment config {path!r} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"experiment config {path!r} is not valid JSON: {exc}") from None
-        except (OSError, RecursionError, ValueError) as exc:
-            raise ConfigError(f"experiment config {path!r} cannot be read: {exc}") from None
-        return cls.from_dict(values)
+        return cls.from_dict(read_json(path, "experiment config"))
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
