@@ -196,3 +196,29 @@ def test_resumed_run_keeps_the_kept_sets_ema_weights_and_fresh_teacher(tmp_path)
         a, b = load_file(out / "state" / name), load_file(ref / "state" / name)
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
     assert (out / "logs" / "eval_results.csv").read_text() == (ref / "logs" / "eval_results.csv").read_text()
+
+
+def test_a_run_that_skips_the_last_generator_phase_resumes_bit_for_bit(tmp_path):
+    """``generator_last_experience="skip"``: killed in the last experience (after its classifier phase and in its
+    replay), the resumed run skips the generator phase there too and ends as the uninterrupted one."""
+    exp = experiment()
+    exp = ExperimentConfig.from_dict({**exp.to_dict(), "drcpsd": {**exp.drcpsd.to_dict(),
+                                                                  "generator_last_experience": "skip"}})
+    ref = tmp_path / "reference"
+    ref_summary = run_experiment(exp, str(ref), verbose=False)
+    assert ref_summary["phase_time_s"]["generator"] > 0, "experience 0's generator phase still runs"
+    config = tmp_path / "experiment.json"
+    config.write_text(json.dumps(exp.to_dict()))
+    out = tmp_path / "run"
+    for i, kill_at in enumerate(["1:classifier", "1:replay"]):
+        code, output = _run_cli(config, out, kill_at=kill_at, resume=i > 0)
+        assert code == -signal.SIGKILL, f"{kill_at}: exit code {code}\n{output[-3000:]}"
+    code, output = _run_cli(config, out, resume=True)
+    assert code == 0, output[-3000:]
+    assert _metric_rows(out / "logs" / "metrics.csv") == _metric_rows(ref / "logs" / "metrics.csv")
+    assert not any(r[0] == "PhaseTime/generator/Exp001" for r in _metric_rows(out / "logs" / "metrics.csv"))
+    for name in ("classifier.safetensors", "embeddings.safetensors"):
+        a, b = load_file(out / "state" / name), load_file(ref / "state" / name)
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
+    assert sorted(load_file(out / "state" / "embeddings.safetensors")) == ["class_0", "class_1", "null"], \
+        "the last experience's classes (2, 3) were not learned"
