@@ -172,6 +172,22 @@ def test_resume_accepts_a_configuration_saved_before_a_field_was_added():
         _check_same_experiment(saved, changed, "out")
 
 
+def _reference_and_killed_run(exp: ExperimentConfig, tmp_path: Path, kills):
+    """An uninterrupted run of ``exp``, and the same run killed at each of ``kills`` in turn (a process each,
+    resumed by the next) and then finished: (reference folder, its summary, the killed run's folder)."""
+    ref = tmp_path / "reference"
+    ref_summary = run_experiment(exp, str(ref), verbose=False)
+    config = tmp_path / "experiment.json"
+    config.write_text(json.dumps(exp.to_dict()))
+    out = tmp_path / "run"
+    for i, kill_at in enumerate(kills):
+        code, output = _run_cli(config, out, kill_at=kill_at, resume=i > 0)
+        assert code == -signal.SIGKILL, f"{kill_at}: exit code {code}\n{output[-3000:]}"
+    code, output = _run_cli(config, out, resume=True)
+    assert code == 0, output[-3000:]
+    return ref, ref_summary, out
+
+
 def test_resumed_run_keeps_the_kept_sets_ema_weights_and_fresh_teacher(tmp_path):
     """The issue-13 levers keep their state across a kill: with ``replay_draw="once"`` the kept synthetic sets of
     the old classes (a fresh process must not draw them again from the changed generator), the EMA weights that
@@ -180,16 +196,7 @@ def test_resumed_run_keeps_the_kept_sets_ema_weights_and_fresh_teacher(tmp_path)
                            benchmark_args={"n_experiences": 3, "train_per_class": 40, "test_per_class": 20},
                            drcpsd=tiny_config(gap_samples_per_class=4, replay_draw="once", generator_ema_decay=0.9,
                                               generator_distill_source="fresh"))
-    ref = tmp_path / "reference"
-    ref_summary = run_experiment(exp, str(ref), verbose=False)
-    config = tmp_path / "experiment.json"
-    config.write_text(json.dumps(exp.to_dict()))
-    out = tmp_path / "run"
-    for i, kill_at in enumerate(["1:eval", "2:generator"]):
-        code, output = _run_cli(config, out, kill_at=kill_at, resume=i > 0)
-        assert code == -signal.SIGKILL, f"{kill_at}: exit code {code}\n{output[-3000:]}"
-    code, output = _run_cli(config, out, resume=True)
-    assert code == 0, output[-3000:]
+    ref, ref_summary, out = _reference_and_killed_run(exp, tmp_path, ["1:eval", "2:generator"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_average_accuracy"] == ref_summary["final_average_accuracy"]
     for name in ("classifier.safetensors", "embeddings.safetensors", "generator/unet/diffusion_pytorch_model.safetensors"):
@@ -204,17 +211,8 @@ def test_a_run_that_skips_the_last_generator_phase_resumes_bit_for_bit(tmp_path)
     exp = experiment()
     exp = ExperimentConfig.from_dict({**exp.to_dict(), "drcpsd": {**exp.drcpsd.to_dict(),
                                                                   "generator_last_experience": "skip"}})
-    ref = tmp_path / "reference"
-    ref_summary = run_experiment(exp, str(ref), verbose=False)
+    ref, ref_summary, out = _reference_and_killed_run(exp, tmp_path, ["1:classifier", "1:replay"])
     assert ref_summary["phase_time_s"]["generator"] > 0, "experience 0's generator phase still runs"
-    config = tmp_path / "experiment.json"
-    config.write_text(json.dumps(exp.to_dict()))
-    out = tmp_path / "run"
-    for i, kill_at in enumerate(["1:classifier", "1:replay"]):
-        code, output = _run_cli(config, out, kill_at=kill_at, resume=i > 0)
-        assert code == -signal.SIGKILL, f"{kill_at}: exit code {code}\n{output[-3000:]}"
-    code, output = _run_cli(config, out, resume=True)
-    assert code == 0, output[-3000:]
     assert _metric_rows(out / "logs" / "metrics.csv") == _metric_rows(ref / "logs" / "metrics.csv")
     assert not any(r[0] == "PhaseTime/generator/Exp001" for r in _metric_rows(out / "logs" / "metrics.csv"))
     for name in ("classifier.safetensors", "embeddings.safetensors"):
