@@ -31,6 +31,8 @@ __all__ = [
     "sha256_file",
     "PhaseTimer",
     "dataset_tensors",
+    "dataset_labels",
+    "spread_items",
     "experience_classes",
     "is_last_experience",
     "check_experience_data",
@@ -234,6 +236,28 @@ def dataset_tensors(dataset: Dataset, batch_size: int = 1024) -> Tuple[Tensor, T
     return torch.cat(xs), torch.cat(ys).long()
 
 
+def dataset_labels(dataset: Any) -> Tensor:
+    """Every label of a data set, in order: from its ``targets`` when they convert to a tensor, else read item by
+    item."""
+    targets = getattr(dataset, "targets", None)
+    try:
+        labels = torch.as_tensor(list(targets)) if targets is not None else None
+    except (TypeError, ValueError, RuntimeError):
+        labels = None
+    if labels is None:
+        labels = torch.as_tensor([int(torch.as_tensor(dataset[i][1])) for i in range(len(dataset))])
+    return labels
+
+
+def spread_items(dataset: Any, samples: int) -> Iterator[Tuple[int, Any]]:
+    """``(index, input)`` of up to ``samples`` items spread evenly over ``dataset``, each read under a forked
+    random state, so a check that reads them draws nothing from torch's global random stream."""
+    n = len(dataset)
+    for i in sorted(set(torch.linspace(0, n - 1, min(samples, n)).round().long().tolist())) if n else []:
+        with torch.random.fork_rng(devices=[]):
+            yield i, dataset[i][0]
+
+
 def experience_classes(experience: Any) -> List[int]:
     """The sorted class ids of an Avalanche experience: its classes timeline (``classes_in_this_experience``) when
     the stream has one, else the distinct values of its data set's ``targets`` (streams made with
@@ -241,13 +265,7 @@ def experience_classes(experience: Any) -> List[int]:
     classes = getattr(experience, "classes_in_this_experience", None)
     if classes is not None:
         return sorted(int(c) for c in classes)
-    dataset = experience.dataset
-    targets = getattr(dataset, "targets", None)
-    if targets is not None:
-        labels = torch.as_tensor(list(targets))
-    else:
-        labels = torch.as_tensor([int(torch.as_tensor(dataset[i][1])) for i in range(len(dataset))])
-    return sorted(int(c) for c in labels.unique().tolist())
+    return sorted(int(c) for c in dataset_labels(experience.dataset).unique().tolist())
 
 
 def is_last_experience(experience: Any) -> bool:
@@ -276,13 +294,7 @@ def check_experience_data(dataset: Any, *, image_shape: Sequence[int], num_class
     n = len(dataset)
     if n == 0:
         raise DataError(f"{where}: the training data set is empty")
-    targets = getattr(dataset, "targets", None)
-    try:
-        labels = torch.as_tensor(list(targets)) if targets is not None else None
-    except (TypeError, ValueError, RuntimeError):
-        labels = None
-    if labels is None:
-        labels = torch.as_tensor([int(torch.as_tensor(dataset[i][1])) for i in range(n)])
+    labels = dataset_labels(dataset)
     if labels.dim() != 1 or len(labels) != n:
         raise DataError(f"{where}: expected one label per image ({n}), got labels of shape {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.dtype == torch.bool:
@@ -295,12 +307,9 @@ def check_experience_data(dataset: Any, *, image_shape: Sequence[int], num_class
         raise DataError(f"{where}: label(s) {wrong[:10]} out of range; the classifier has {num_classes} classes, "
                         f"so labels must be in 0..{num_classes - 1}")
     expected = tuple(int(v) for v in image_shape)
-    picks = sorted(set(torch.linspace(0, n - 1, min(samples, n)).round().long().tolist()))
     if hasattr(dataset, "eval"):
         dataset = dataset.eval()  # no random augmentation: the check must not draw from any random generator
-    for i in picks:
-        with torch.random.fork_rng(devices=[]):
-            x = dataset[i][0]
+    for i, x in spread_items(dataset, samples):
         if not isinstance(x, torch.Tensor):
             raise DataError(f"{where}: item {i} is a {type(x).__name__}, expected a float tensor of shape {expected} "
                             "(apply a ToTensor transform)")

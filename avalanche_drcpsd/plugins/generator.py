@@ -49,7 +49,7 @@ from ..input_space import InputSpace
 from ..losses import generative_distillation_loss, ldm_loss
 from ..synthetic_cache import SyntheticCache, generator_identity, tensor_sha256, to_uint8
 from ..text_encoders import TextEncoder, TextEncoderError, load_text_encoder
-from ..utils import PhaseTimer, dataset_tensors, experience_classes, frozen_copy, is_last_experience
+from ..utils import PhaseTimer, dataset_tensors, experience_classes, frozen_copy, is_last_experience, spread_items
 
 __all__ = ["CPSDGeneratorPlugin"]
 
@@ -114,11 +114,9 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         """Learn the input space from ``dataset`` (the first time) and check ``samples`` of its images, spread
         over it, against it: a :class:`~avalanche_drcpsd.data.DataError` names the range seen and the setting to
         change. ``replay_augment="reference"`` (transforms of [0, 1] images) is refused for other spaces."""
-        n = len(dataset)
-        if n == 0:
+        if len(dataset) == 0:
             return self.input_space
-        idx = torch.linspace(0, n - 1, min(samples, n)).round().long().unique().tolist()
-        images = torch.stack([torch.as_tensor(dataset[i][0]) for i in idx]).float()
+        images = torch.stack([torch.as_tensor(x) for _, x in spread_items(dataset, samples)]).float()
         if images.dim() != 4:
             from ..data import DataError
 
