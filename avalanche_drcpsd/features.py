@@ -14,6 +14,9 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+from avalanche.models import MultiTaskModule
+from avalanche.models.utils import avalanche_forward
+from avalanche.training.utils import get_last_fc_layer
 from torch import Tensor, nn
 
 __all__ = ["find_head", "FeatureRecorder", "forward_with_features", "classify", "check_single_task"]
@@ -23,8 +26,6 @@ def check_single_task(model: nn.Module, experience) -> None:
     """Refuse a ``MultiTaskModule`` on an experience whose task labels are not all 0: replay and distillation
     forward mixed batches of old and new classes through task 0's head (:func:`classify`), so a task-incremental
     stream would train the wrong heads. A single-head model ignores task labels and needs no check."""
-    from avalanche.models import MultiTaskModule
-
     if not isinstance(model, MultiTaskModule):
         return
     labels = sorted(set(int(t) for t in getattr(experience, "task_labels", None) or [0]))
@@ -37,9 +38,6 @@ def check_single_task(model: nn.Module, experience) -> None:
 
 def classify(model: nn.Module, x: Tensor) -> Tensor:
     """The logits of ``model`` on ``x``: ``model(x)``, or task 0's head of a ``MultiTaskModule``."""
-    from avalanche.models import MultiTaskModule
-    from avalanche.models.utils import avalanche_forward
-
     if isinstance(model, MultiTaskModule):
         return avalanche_forward(model, x, torch.zeros(len(x), dtype=torch.long, device=x.device))
     return model(x)
@@ -54,8 +52,6 @@ def find_head(model: nn.Module, name: Optional[str] = None) -> nn.Module:
         except AttributeError:
             names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
             raise ValueError(f"feature_layer={name!r} is not a submodule of the model; linear layers: {names}") from None
-    from avalanche.training.utils import get_last_fc_layer
-
     try:
         return get_last_fc_layer(model)[1]
     except ValueError:

@@ -152,20 +152,9 @@ class Generator(nn.Module, abc.ABC):
         return None
 
     @property
+    @abc.abstractmethod
     def identity(self) -> Dict[str, Any]:
-        """JSON-able identity of what this generator draws (the synthetic cache's manifest): by default its class,
-        the SHA-256 of its weights and its spec."""
-        import hashlib
-
-        from .synthetic_cache import tensor_sha256
-
-        digest = hashlib.sha256()
-        for name, value in self.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor_sha256(value).encode())
-        spec = getattr(self, "spec", None)
-        return {"class": type(self).__name__, "weights_sha256": digest.hexdigest(),
-                "spec": asdict(spec) if spec is not None else None}
+        """JSON-able identity of what this generator draws (the synthetic cache's manifest)."""
 
     @abc.abstractmethod
     def encode(self, images: Tensor) -> Tensor:
@@ -290,6 +279,19 @@ class DiffusionGenerator(Generator):
     @property
     def image_shape(self) -> Tuple[int, int, int]:
         return tuple(self.spec.image_shape)
+
+    @property
+    def identity(self) -> Dict[str, Any]:
+        """Its class, spec and the SHA-256 of its weights: it is trained, so its weights are its identity."""
+        import hashlib
+
+        from .synthetic_cache import tensor_sha256
+
+        digest = hashlib.sha256()
+        for name, value in self.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor_sha256(value).encode())
+        return {"class": type(self).__name__, "weights_sha256": digest.hexdigest(), "spec": asdict(self.spec)}
 
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -71,15 +71,17 @@ class InputSpace:
         """Classifier images ``(B, C, H, W)`` -> pixels in [0, 1] (clamped; unchanged when the space is [0, 1])."""
         if self.is_unit:
             return x
-        low, span = self._affine(x.float())
-        return ((x.float() - low) / span).clamp(0.0, 1.0)
+        x = x.float()
+        low, span = self._affine(x)
+        return ((x - low) / span).clamp(0.0, 1.0)
 
     def from_unit(self, u: Tensor) -> Tensor:
         """Pixels in [0, 1] ``(B, C, H, W)`` -> the classifier's space (unchanged when the space is [0, 1])."""
         if self.is_unit:
             return u
-        low, span = self._affine(u.float())
-        return low + u.float() * span
+        u = u.float()
+        low, span = self._affine(u)
+        return low + u * span
 
     def check(self, images: Tensor, where: str) -> None:
         """Refuse images that do not lie in this space (their channel count, or values beyond it by more than
@@ -114,9 +116,8 @@ class InputSpace:
         found = find_normalize(dataset)
         if found is not None:
             mean, std = found
-            space = cls.from_normalize(mean, std, channels, f"Normalize(mean={tuple(mean)}, std={tuple(std)}) "
-                                                            "in the first experience's transforms")
-            return space
+            return cls.from_normalize(mean, std, channels, f"Normalize(mean={tuple(mean)}, std={tuple(std)}) "
+                                                           "in the first experience's transforms")
         low = images.amin(dim=(0, 2, 3)).tolist()
         high = images.amax(dim=(0, 2, 3)).tolist()
         if min(low) >= 0.0 and max(high) <= 1.0:
@@ -175,8 +176,7 @@ def _unpack(transform: Any, depth: int) -> Iterator[Any]:
     if transform is None or depth > 8:
         return
     yield transform
-    for name in ("transforms",):  # Compose, TupleTransform
-        inner = getattr(transform, name, None)
-        if isinstance(inner, (list, tuple)):
-            for t in inner:
-                yield from _unpack(t, depth + 1)
+    inner = getattr(transform, "transforms", None)  # Compose, TupleTransform
+    if isinstance(inner, (list, tuple)):
+        for t in inner:
+            yield from _unpack(t, depth + 1)
