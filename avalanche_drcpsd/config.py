@@ -41,7 +41,7 @@ CHOICES = {
     "replay_optimizer": ("fresh", "continue"),
     "mmd_kind": ("mean", "gaussian"),
     "sampler": ("dpm", "ddim"),
-    "student_init": ("average", "ema"),
+    "student_init": ("average", "ema", "fresh"),
     "distill_targets": ("split", "both"),
     "cpsd_order": ("after_generator", "before_generator"),
     "kappa_schedule": ("constant", "balanced"),
@@ -274,6 +274,11 @@ class DRCPSDConfig:
     #: paired batch, temperature ``replay_kd_temperature``) added to the replay loss; 0 (off) as in the reference.
     replay_kd_weight: float = 0.0
     replay_kd_temperature: float = 2.0
+    #: the replay student's initial weights: ``average`` of the two teachers (the paper and the original code),
+    #: *package* ``ema``: :math:`(1-\alpha)\theta_{old}+\alpha\theta_{new}` (``ema_alpha``), or *package*
+    #: ``fresh``: newly initialised (the model's own ``reset_parameters``, seeded by ``seed`` and the experience),
+    #: so that hidden units the classifier phase killed in the new teacher are not inherited; the teachers'
+    #: distillation terms are unchanged.
     student_init: str = "average"
     ema_alpha: float = 0.1
     #: BatchNorm running statistics of the initial student: ``average`` of the two teachers' (like the weights)

@@ -159,6 +159,52 @@ def test_ema_student_init_uses_alpha(mnist_small):
         DreamReplayPlugin(FakeSource([]), student_init="bogus")
 
 
+def test_fresh_student_is_a_seeded_new_initialisation(mnist_small):
+    """student_init='fresh': the replay student starts from reset_parameters under seed + experience, not from
+    either teacher, and the global random stream is left as it was."""
+    model = MLP()
+    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=4, batch_real=16, batch_syn=4,
+                               student_init="fresh", seed=7, verbose=False)
+    strategy = _naive(model, [replay])
+    strategy.train(mnist_small.train_stream[0])
+    captured = {}
+    original = replay._make_optimizer
+
+    def spy(strat):
+        captured["student"] = copy.deepcopy(strat.model.state_dict())
+        captured["rng"] = torch.random.get_rng_state()
+        return original(strat)
+
+    replay._make_optimizer = spy
+    strategy.train(mnist_small.train_stream[1])
+    torch.manual_seed(7 + 1)
+    expected = MLP().state_dict()  # the same modules reset in the same order
+    for k, v in captured["student"].items():
+        torch.testing.assert_close(v, expected[k])
+    new = replay.distill.new_teacher.state_dict()
+    assert all(not torch.equal(captured["student"][k], new[k]) for k in new)
+    # the fork: calling it again leaves the global state unchanged
+    state = torch.random.get_rng_state()
+    again = DreamReplayPlugin.fresh_student(replay.distill.new_teacher, 8)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for k, v in again.items():
+        torch.testing.assert_close(v, expected[k])
+
+
+def test_fresh_student_refuses_parameters_it_cannot_reset():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 2)
+            self.scale = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return self.head(x) * self.scale
+
+    with pytest.raises(ValueError, match="scale"):
+        DreamReplayPlugin.fresh_student(Scaled(), 0)
+
+
 def test_distill_plugin_with_replay_adds_feature_loss(mnist_small):
     losses = {}
 

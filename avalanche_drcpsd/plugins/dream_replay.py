@@ -6,7 +6,8 @@ teacher*), the plugin
 1. asks its synthetic source for ``n_replay_per_class`` images of every old class (with
    ``replay_classes="seen"``, a package option, of every old and current class);
 2. initialises the student as the average of the old teacher (the model after :math:`t-1`) and the new teacher
-   (or, with ``student_init="ema"``, :math:`(1-\alpha)\theta_{old}+\alpha\theta_{new}`);
+   (or, with ``student_init="ema"``, :math:`(1-\alpha)\theta_{old}+\alpha\theta_{new}`; with ``"fresh"``, newly
+   initialised);
 3. trains it for ``replay_epochs`` over paired batches (``batch_real`` real + ``batch_syn`` synthetic; one epoch
    is ``max(real, synthetic)`` batches, raised to at least ``min_steps`` optimiser steps in all when set) with
 
@@ -31,6 +32,7 @@ the original code (isaacNingLee/CPSD 769e79b) are listed in :data:`avalanche_drc
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import warnings
@@ -101,6 +103,7 @@ class DreamReplayPlugin(SupervisedPlugin):
         grad_clip: Optional[float] = None,
         kd_weight: float = 0.0,
         kd_temperature: float = 2.0,
+        seed: int = 0,
         distill: Optional[DistillPlugin] = None,
         syn_transform: Optional[Callable[[Tensor], Tensor]] = None,
         timer: Optional[PhaseTimer] = None,
@@ -141,6 +144,8 @@ class DreamReplayPlugin(SupervisedPlugin):
             ``effective_kappa[experience]``.
         :param kd_weight: weight of the old teacher's logit distillation over the old classes (0: off).
         :param kd_temperature: its temperature.
+        :param seed: with ``student_init="fresh"``, the student of experience ``t`` is initialised under
+            ``torch.manual_seed(seed + t)`` in a forked random state (the global stream is not touched).
         :param syn_transform: applied to synthetic batches (e.g. the benchmark's normalisation).
         """
         super().__init__()
@@ -188,7 +193,9 @@ class DreamReplayPlugin(SupervisedPlugin):
         self.batch_real = batch_real
         self.batch_syn = batch_syn
         self.kappa = kappa
+        self.student_init = student_init
         self.alpha = 0.5 if student_init == "average" else ema_alpha
+        self.seed = seed
         self.replay_lr = replay_lr
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"grad_clip={grad_clip!r} must be > 0 or None")
@@ -220,7 +227,8 @@ class DreamReplayPlugin(SupervisedPlugin):
                    epoch_length=config.replay_epoch_length, augment=config.replay_augment,
                    teacher_mode=config.teacher_mode, optimizer=config.replay_optimizer,
                    replay_lr=config.replay_lr, grad_clip=config.replay_grad_clip,
-                   kd_weight=config.replay_kd_weight, kd_temperature=config.replay_kd_temperature, **kwargs)
+                   kd_weight=config.replay_kd_weight, kd_temperature=config.replay_kd_temperature,
+                   seed=config.seed, **kwargs)
 
     # --- hooks -----------------------------------------------------------------------------------------
     def before_training_exp(self, strategy, **kwargs):
@@ -250,11 +258,15 @@ class DreamReplayPlugin(SupervisedPlugin):
         self.effective_kappa[strategy.experience.current_experience] = kappa
         model = strategy.model
         device = strategy.device
+        exp = strategy.experience.current_experience
         self.distill.set_new_teacher(model)
         kept = None
         if self.replay_filter == "teacher":
             x_syn, y_syn, kept = self.filter_by_teachers(x_syn, y_syn, old_classes, device)
-        model.load_state_dict(self.initial_student(self.distill.old_teacher, self.distill.new_teacher))
+        if self.student_init == "fresh":
+            model.load_state_dict(self.fresh_student(self.distill.new_teacher, self.seed + exp))
+        else:
+            model.load_state_dict(self.initial_student(self.distill.old_teacher, self.distill.new_teacher))
         model.train()
         teachers = (self.distill.old_teacher, self.distill.new_teacher)
         for teacher in teachers:
@@ -266,7 +278,6 @@ class DreamReplayPlugin(SupervisedPlugin):
         syn = DataLoader(TensorDataset(x_syn, y_syn), batch_size=self.batch_syn, shuffle=True,
                          drop_last=len(y_syn) > self.batch_syn)
         steps = max(len(real), len(syn)) if self.epoch_length == "longer" else min(len(real), len(syn))
-        exp = strategy.experience.current_experience
         epochs = self.epochs_used[exp] = replay_epochs_for(steps, self.replay_epochs, self.min_steps)
         if steps * epochs < FEW_REPLAY_STEPS:
             warnings.warn(
@@ -331,6 +342,25 @@ class DreamReplayPlugin(SupervisedPlugin):
             buffers = {name for name, _ in new_teacher.named_buffers()}
             out.update({k: new[k].clone() for k in buffers if k in new})
         return out
+
+    @staticmethod
+    def fresh_student(model: torch.nn.Module, seed: int) -> dict:
+        """A newly initialised state of ``model``'s architecture: every submodule's ``reset_parameters`` (and
+        BatchNorm's ``reset_running_stats``) on a copy, under ``torch.manual_seed(seed)`` in a forked random
+        state. A model with parameters that no submodule resets is refused (it would keep trained weights)."""
+        fresh = copy.deepcopy(model)
+        owned = set()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for module in fresh.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+                    owned.update(id(p) for p in module.parameters(recurse=False))
+        left = [name for name, p in fresh.named_parameters() if id(p) not in owned]
+        if left:
+            raise ValueError(f"student_init='fresh': no reset_parameters() re-initialises {left[:5]}; "
+                             "use student_init='average' for this model")
+        return fresh.state_dict()
 
     @torch.no_grad()
     def filter_by_teachers(self, x_syn: Tensor, y_syn: Tensor, old_classes: Sequence[int],
