@@ -266,7 +266,7 @@ def _restore_attrs(obj: Any, attrs: Dict[str, tuple], exclude: Sequence[str] = (
 
 
 #: attributes never restored: how this process prints or where it writes, not the run's state
-_SKIP_ATTRS = ("verbose", "path", "log_folder", "class_names", "_replay", "generator", "text_encoder", "buffer",
+_SKIP_ATTRS = ("verbose", "path", "log_folder", "class_names", "captions", "_replay", "generator", "text_encoder", "buffer",
                "old_teacher", "new_teacher", "_recorder", "cache", "source", "distill", "timer", "config", "rng")
 
 
@@ -646,7 +646,7 @@ class Checkpointer:
                     raise NonFiniteError(phase, exp, f"{what}'s {name} holds NaN/inf (a non-finite loss in this "
                                                      "phase)", self.last_name)
         if gp.buffer is not None:
-            for c, e in gp.buffer.embeddings.items():
+            for c, e in [*gp.buffer.embeddings.items(), *gp.buffer.caption_embeddings.items()]:
                 if not bool(torch.isfinite(e).all()):
                     raise NonFiniteError(phase, exp, f"the CPSD embedding of class {c} holds NaN/inf (a non-finite "
                                                      "CPSD loss)", self.last_name)
@@ -850,7 +850,7 @@ class Checkpointer:
         images = labels = tokens = None
         if phase in ("generator", "cpsd"):
             images, labels = gp.experience_pixels(experience)
-            tokens = {c: gp.text_encoder.encode([gp.prompt(c)])[0] for c in new}
+            tokens = gp.class_tokens(new)
         self.restore(ckpt)
         plugins = self.plugins
         after_gen = plugins[plugins.index(self._guard) + 1:]

@@ -73,8 +73,9 @@ CHOICES = {
 #: * Its CIFAR scripts pass ``--method=ti`` or ``sd``, not ``cpsd``; the preset is the CPSD method (the paper's),
 #:   with the replay and classifier settings of ``run_cifar10.sh``.
 #:
-#: Not options here, so still differences (README, the notes under the parameter table): prompts with per-image BLIP-2
-#: captions; the guidance scale drawn once per generation batch (here per image); VAE latents sampled (with Stable
+#: Not options here, so still differences (README, the notes under the parameter table): per-image BLIP-2 captions
+#: (no captioning model offline: ``captions_file`` takes captions per class from the user, which CPSD and sampling
+#: use as the original does, :mod:`~avalanche_drcpsd.captions`); the guidance scale drawn once per generation batch (here per image); VAE latents sampled (with Stable
 #: Diffusion: ``generator_options={"vae_latent": "sample"}``, which the preset cannot set for the offline
 #: generator); its classifier's own recipe (ResNet-18, SGD lr 0.1 without momentum), which is the
 #: strategy's, not this config's; and its bugs (duplicate file names halve the synthetic set, ``manager.py`` l.
@@ -107,6 +108,11 @@ class DRCPSDConfig:
 
     # --- CPSD embedding -------------------------------------------------------------------------------
     prompt_template: str = "a photo of a {}"
+    #: *package* (the original captions every image with BLIP-2): a JSON or tab-separated text file of captions per
+    #: class (:mod:`~avalanche_drcpsd.captions`). CPSD trains each class's projection on "<class prompt>,
+    #: <caption>" prompts (a random caption per image and step) and sampling draws one caption per image. None: one
+    #: prompt per class. Read when the generator plugin is built.
+    captions_file: Optional[str] = None
     #: ``token``: Linear(L, L) across the token positions (the paper's description); ``hidden``: Linear(D, D) per
     #: token; ``reference``: the original code's ``Linear(77, 77)`` on ``h.reshape(-1, 77)``, runs of 77
     #: consecutive hidden values (:class:`~avalanche_drcpsd.cpsd.CPSDProjection`).
@@ -430,9 +436,10 @@ class DRCPSDConfig:
             )
         if self.generator == "stable_diffusion" and not self.generator_path:
             raise ConfigError("generator='stable_diffusion' needs generator_path: a local diffusers pipeline directory")
-        if self.generator_path is not None and (not isinstance(self.generator_path, (str, os.PathLike))
-                                                or "\x00" in os.fspath(self.generator_path)):
-            raise ConfigError(f"generator_path={self.generator_path!r} must be a path")
+        for name in ("generator_path", "captions_file"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (str, os.PathLike)) or "\x00" in os.fspath(value)):
+                raise ConfigError(f"{name}={value!r} must be a path")
         if self.text_encoder is not None and not isinstance(self.text_encoder, dict):
             raise ConfigError(f"text_encoder={self.text_encoder!r} must be a dict spec or None")
         _check_generator_options(self.generator_options, self.generator)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Dict, Iterable, List, Optional, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -71,6 +71,10 @@ class EmbeddingBuffer:
     def __init__(self, null: Optional[Tensor] = None, encoder_identity: Optional[dict] = None):
         self.embeddings: Dict[int, Tensor] = {}
         self.prompts: Dict[int, str] = {}
+        #: per class with a caption list (:mod:`~avalanche_drcpsd.captions`): the projected embeddings ``(K, L, D)``
+        #: of its K caption prompts, which :meth:`draw` samples from, and those prompts
+        self.caption_embeddings: Dict[int, Tensor] = {}
+        self.caption_prompts: Dict[int, List[str]] = {}
         self.null = null
         self.encoder_identity = dict(encoder_identity or {})
 
@@ -93,6 +97,27 @@ class EmbeddingBuffer:
         self.embeddings[int(cls)] = embedding.detach().float().cpu().clone()
         self.prompts[int(cls)] = prompt
 
+    def add_captions(self, cls: int, embeddings: Tensor, prompts: Sequence[str]) -> None:
+        """The ``(K, L, D)`` projected embeddings of class ``cls``'s K caption prompts."""
+        if int(cls) not in self.embeddings:
+            raise KeyError(f"class {cls} has no class embedding; add() it before its captions")
+        shape = self.embeddings[int(cls)].shape
+        if embeddings.dim() != 3 or embeddings.shape[1:] != shape or embeddings.shape[0] != len(prompts):
+            raise ValueError(f"caption embeddings of class {cls} have shape {tuple(embeddings.shape)}; expected "
+                             f"({len(prompts)}, {shape[0]}, {shape[1]}), one per prompt")
+        self.caption_embeddings[int(cls)] = embeddings.detach().float().cpu().clone()
+        self.caption_prompts[int(cls)] = list(prompts)
+
+    def draw(self, cls: int, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        """``(n, L, D)`` conditions for ``n`` images of class ``cls``: one of its caption embeddings drawn
+        uniformly per image (with ``generator``) when it has captions, else its class embedding ``n`` times
+        (drawing nothing, so a buffer without captions samples exactly as before they existed)."""
+        cls = int(cls)
+        if cls in self.caption_embeddings:
+            captions = self.caption_embeddings[cls]
+            return captions[torch.randint(len(captions), (n,), generator=generator)]
+        return self.stack([cls]).expand(n, -1, -1)
+
     def stack(self, classes: Iterable[int]) -> Tensor:
         """``(N, L, D)`` embeddings of the given class ids (in order)."""
         classes = [int(c) for c in classes]
@@ -104,6 +129,7 @@ class EmbeddingBuffer:
     # ------------------------------------------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike]) -> None:
         tensors = {f"class_{c}": e.contiguous() for c, e in self.embeddings.items()}
+        tensors.update({f"captions_{c}": e.contiguous() for c, e in self.caption_embeddings.items()})
         if self.null is not None:
             tensors["null"] = self.null.detach().float().cpu().contiguous()
         metadata = {
@@ -111,6 +137,8 @@ class EmbeddingBuffer:
             "prompts": json.dumps({str(c): p for c, p in self.prompts.items()}),
             "encoder_identity": json.dumps(self.encoder_identity),
         }
+        if self.caption_prompts:  # absent without captions: such files are as they were
+            metadata["caption_prompts"] = json.dumps({str(c): p for c, p in self.caption_prompts.items()})
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
@@ -128,9 +156,15 @@ class EmbeddingBuffer:
         tensors = load_file(path)
         buf = cls(null=tensors.pop("null", None), encoder_identity=json.loads(metadata["encoder_identity"]))
         prompts = json.loads(metadata["prompts"])
+        captions = {k: v for k, v in tensors.items() if k.startswith("captions_")}
         for key, value in tensors.items():
+            if key.startswith("class_"):
+                c = int(key.split("_", 1)[1])
+                buf.add(c, value, prompts.get(str(c), ""))
+        caption_prompts = json.loads(metadata.get("caption_prompts", "{}"))
+        for key, value in sorted(captions.items()):
             c = int(key.split("_", 1)[1])
-            buf.add(c, value, prompts.get(str(c), ""))
+            buf.add_captions(c, value, caption_prompts.get(str(c), [""] * len(value)))
         return buf
 
 
@@ -155,15 +189,19 @@ def train_cpsd_projection(
 
     ``denoiser`` provides ``encode(images)``, ``noisy(z0, generator)``, ``predict_noise(z_t, t, cond)`` and
     ``snr(t)`` (e.g. :class:`~avalanche_drcpsd.generator.DiffusionGenerator`); ``tokens`` are the frozen text
-    states ``(L, D)`` of the class prompt; ``images`` its real images in [0, 1]; ``augment(batch, generator)``
+    states ``(L, D)`` of the class prompt, or ``(K, L, D)`` of K caption prompts, one drawn (with ``generator``)
+    for every image of every batch; ``images`` its real images in [0, 1]; ``augment(batch, generator)``
     (e.g. :func:`~avalanche_drcpsd.augment.reference_cpsd_augment`) transforms each batch before it is encoded. AdamW with ``lr`` and
     ``weight_decay`` (the original code: 4e-4 and 0.01). Returns the trained projection.
     """
-    length, hidden = tokens.shape
+    if tokens.dim() not in (2, 3):
+        raise ValueError(f"tokens of shape {tuple(tokens.shape)}; expected (L, D) or (K, L, D)")
+    length, hidden = tokens.shape[-2:]
     device = next(denoiser.parameters()).device
     projection = CPSDProjection(length, hidden, mode).to(device)
     optimizer = torch.optim.AdamW(projection.parameters(), lr=lr, weight_decay=weight_decay)
-    tokens = tokens.to(device).unsqueeze(0)
+    captions = tokens.dim() == 3
+    tokens = tokens.to(device) if captions else tokens.to(device).unsqueeze(0)
     requires = [p.requires_grad for p in denoiser.parameters()]
     for p in denoiser.parameters():
         p.requires_grad_(False)
@@ -176,7 +214,10 @@ def train_cpsd_projection(
                 if augment is not None:
                     batch = augment(batch, generator)
                 z_t, noise, t = denoiser.noisy(denoiser.encode(batch), generator)
-                cond = projection(tokens).expand(batch.shape[0], -1, -1)
+                if captions:  # a caption per image (drawn after the noise, so one caption equals no caption)
+                    cond = projection(tokens[torch.randint(len(tokens), (batch.shape[0],), generator=generator)])
+                else:
+                    cond = projection(tokens).expand(batch.shape[0], -1, -1)
                 loss = cpsd_loss(denoiser.predict_noise(z_t, t, cond), noise, denoiser.snr(t), snr_gamma, lam, mmd_kind)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

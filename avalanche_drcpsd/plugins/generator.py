@@ -42,6 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..augment import jpeg_round_trip, reference_cpsd_augment
+from ..captions import CaptionError, caption_prompts, load_captions
 from ..config import DRCPSDConfig, check_device
 from ..cpsd import EmbeddingBuffer, train_cpsd_projection
 from ..generator import DiffusionGenerator, draw_guidance_scales
@@ -67,6 +68,7 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         timer: Optional[PhaseTimer] = None,
         verbose: bool = True,
         cache_dir: Optional[str] = None,
+        captions: Optional[Dict[int, Sequence[str]]] = None,
     ):
         """
         :param config: DR-CPSD hyper-parameters (reference defaults when None).
@@ -77,10 +79,22 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         :param text_encoder: a frozen text encoder; else ``config.text_encoder`` is loaded (when None: the offline
             default, or the Stable Diffusion pipeline's own encoder with ``generator="stable_diffusion"``).
         :param cache_dir: synthetic-set cache directory (default ``config.synthetic_cache_dir``; None: no cache).
+        :param captions: caption lists per class id (:mod:`~avalanche_drcpsd.captions`); default: read from
+            ``config.captions_file`` when set (a :class:`~avalanche_drcpsd.captions.CaptionError` names what is
+            wrong with the file, before any training).
         """
         super().__init__()
         self.config = (config or DRCPSDConfig()).validate()
         self.class_names = list(class_names) if class_names is not None else None
+        if captions is None and self.config.captions_file is not None:
+            captions = load_captions(self.config.captions_file, self.class_names)
+        #: class id -> its captions (classes missing here keep their one class prompt)
+        self.captions: Dict[int, List[str]] = {}
+        for cls, texts in (captions or {}).items():
+            texts = list(texts)
+            if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+                raise CaptionError(f"captions of class {cls}: {texts!r}; expected a non-empty list of non-empty strings")
+            self.captions[int(cls)] = texts
         self.generator = generator
         self.text_encoder = text_encoder
         self.timer = timer if timer is not None else PhaseTimer()
@@ -202,6 +216,11 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         name = self.class_names[cls] if self.class_names is not None and cls < len(self.class_names) else f"class {cls}"
         return self.config.prompt_template.format(name)
 
+    def class_tokens(self, classes: Sequence[int]) -> Dict[int, Tensor]:
+        """The frozen text encoder's ``(L, D)`` states of each class's prompt (what the generator phase is
+        conditioned on with ``cpsd_order="after_generator"``, and what CPSD projects into the class embedding)."""
+        return {int(c): self.text_encoder.encode([self.prompt(int(c))])[0] for c in classes}
+
     @property
     def learned_classes(self) -> List[int]:
         return self.buffer.classes if self.buffer is not None else []
@@ -224,13 +243,13 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         bar = tqdm(total=total, desc=desc, disable=not self.verbose, leave=False)
         for cls in classes:
             g = torch.Generator().manual_seed(seed + int(cls))
-            emb = self.buffer.stack([cls])
             for start in range(0, n_per_class, c.sample_batch_size):
                 b = min(c.sample_batch_size, n_per_class - start)
                 scale = c.guidance_scale
                 if c.guidance_draw == "batch" and isinstance(scale, tuple):  # one U(low, high) scale per batch
                     scale = float(draw_guidance_scales(scale, 1, g)[0])
-                xs.append(gen.sample(emb.expand(b, -1, -1), self.buffer.null, guidance_scale=scale,
+                emb = self.buffer.draw(cls, b, g)  # a caption per image, if the class has captions
+                xs.append(gen.sample(emb, self.buffer.null, guidance_scale=scale,
                                      num_inference_steps=c.sampling_steps, sampler=c.sampler, generator=g).cpu())
                 ys.append(torch.full((b,), int(cls), dtype=torch.long))
                 bar.update(b)
@@ -290,6 +309,7 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         c = self.config
         gen = self.generator
         classes = [int(k) for k in classes]
+        captioned = [k for k in classes if k in self.buffer.caption_embeddings]
         shape = gen.image_shape
         return {
             "classes": classes, "n_per_class": int(n_per_class),
@@ -302,6 +322,9 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
             "image_shape": list(shape),
             # only when not the default, so the manifests of earlier caches still match
             **({"guidance_draw": c.guidance_draw} if c.guidance_draw != "image" else {}),
+            **({"caption_prompts": {str(k): self.buffer.caption_prompts[k] for k in captioned},
+                "caption_embeddings_sha256": {str(k): tensor_sha256(self.buffer.caption_embeddings[k])
+                                              for k in captioned}} if captioned else {}),
         }
 
     def sample_cached(self, classes: Sequence[int], n_per_class: int, *, task: int, seed: Optional[int] = None,
@@ -372,7 +395,7 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         if not new:
             return
         self._ensure_generator(images.shape[1:])
-        tokens = {c: self.text_encoder.encode([self.prompt(c)])[0] for c in new}
+        tokens = self.class_tokens(new)
         if self.config.cpsd_order == "before_generator":
             self._cpsd_phase(images, labels, tokens)
             cond_new = {c: self.buffer.embeddings[c] for c in new}
@@ -400,16 +423,21 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
                 if c.cpsd_max_images_per_class is not None:
                     imgs = imgs[torch.randperm(len(imgs), generator=self.rng)[:c.cpsd_max_images_per_class]]
                 steps = c.cpsd_epochs * -(-len(imgs) // c.cpsd_batch_size)
+                prompts = caption_prompts(self.prompt(cls), self.captions[cls]) if cls in self.captions else None
+                caption_tok = self.text_encoder.encode(prompts) if prompts else None
                 with tqdm(total=steps, desc=f"exp {self._exp} CPSD class {cls}", disable=not self.verbose,
                           leave=False) as bar:
                     proj = train_cpsd_projection(
-                        self.generator, tok, imgs, mode=c.projection, epochs=c.cpsd_epochs,
+                        self.generator, tok if caption_tok is None else caption_tok, imgs, mode=c.projection,
+                        epochs=c.cpsd_epochs,
                         batch_size=c.cpsd_batch_size, lr=c.cpsd_lr, weight_decay=c.cpsd_weight_decay,
                         augment=reference_cpsd_augment if c.cpsd_augment == "reference" else None,
                         snr_gamma=c.snr_gamma, lam=c.lambda_mmd,
                         mmd_kind=c.mmd_kind, generator=self.rng, progress=bar.update)
                 with torch.no_grad():
                     self.buffer.add(cls, proj(tok.to(self.config.device).unsqueeze(0))[0], self.prompt(cls))
+                    if caption_tok is not None:
+                        self.buffer.add_captions(cls, proj(caption_tok), prompts)
 
     def train_generator(self, images: Tensor, labels: Tensor, cond_new: Dict[int, Tensor]) -> None:
         """:meth:`generator_steps` AdamW steps on batches of the new classes' real images (LDM loss) and, when there
