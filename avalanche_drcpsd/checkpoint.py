@@ -67,6 +67,7 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import nn
 
+from .utils import PHASES as STRATEGY_PHASES
 from .utils import WriteError, atomic_write, atomic_write_bytes, experience_classes, frozen_copy, sha256_file
 
 __all__ = [
@@ -87,8 +88,8 @@ KILL_ENV = "DRCPSD_TEST_KILL_AT"
 CHECKPOINT_DIR = "checkpoint"
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
-#: phases that end with a checkpoint, in the order they may run within an experience
-PHASES = ("generation", "classifier", "generator", "cpsd", "replay", "eval")
+#: phases that end with a checkpoint, in the order they may run within an experience: the strategy's and its evaluation
+PHASES = (*STRATEGY_PHASES, "eval")
 _TIMED = ("classifier", "generator", "cpsd", "replay")  # checkpointed when their PhaseTimer context ends
 _KILL_WHEN = ("end", "start", "checkpoint")
 
@@ -847,10 +848,9 @@ class Checkpointer:
         s.check_model_and_optimizer()
         gp.setup()
         new = [int(c) for c in ckpt.manifest.get("new_classes", [])]
-        images = labels = tokens = None
+        images = labels = None
         if phase in ("generator", "cpsd"):
             images, labels = gp.experience_pixels(experience)
-            tokens = gp.class_tokens(new)
         self.restore(ckpt)
         plugins = self.plugins
         after_gen = plugins[plugins.index(self._guard) + 1:]
@@ -862,13 +862,8 @@ class Checkpointer:
         elif phase == "classifier":
             s._after_training_exp()
         elif phase in ("generator", "cpsd"):
-            order = gp.config.cpsd_order
-            if phase == "generator" and order == "after_generator" and tokens:
-                gp._cpsd_phase(images, labels, tokens)
-            elif phase == "cpsd" and order == "before_generator" and new and gp.trainable \
-                    and gp.generator_steps(new) > 0:
-                with gp.timer("generator", gp._exp):
-                    gp.train_generator(images, labels, {c: gp.buffer.embeddings[c] for c in new})
+            order = gp.learning_phases()
+            gp.learn_classes(images, labels, new=new, done=order[:order.index(phase) + 1])
             with _only_plugins(s, after_gp):
                 s._after_training_exp()
         elif phase == "replay":

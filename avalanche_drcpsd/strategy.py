@@ -26,12 +26,9 @@ from .plugins.dream_replay import DreamReplayPlugin
 from .plugins.generator import CPSDGeneratorPlugin
 from .plugins.logit_mask import SeenClassMaskPlugin
 from .plugins.mmd import MMDPlugin
-from .utils import PhaseTimer, atomic_write
+from .utils import PHASES, PhaseTimer, atomic_write
 
 __all__ = ["DRCPSD"]
-
-PHASES = ("classifier", "generation", "generator", "cpsd", "replay")
-
 
 class DRCPSD(SupervisedTemplate):
     """DR-CPSD on any Avalanche class-incremental benchmark.

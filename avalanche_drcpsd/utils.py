@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
+    "PHASES",
     "freeze",
     "frozen_copy",
     "parse_dtype",
@@ -182,6 +183,13 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+#: DR-CPSD's named phases of one experience, in the order they run: the replay set is drawn before the classifier
+#: trains (``before_training_exp``), then the generator and CPSD learn the new classes and dream replay trains the
+#: student (``after_training_exp``). :class:`PhaseTimer` keys, ``PhaseTime/<phase>`` metrics and checkpoints use
+#: these names.
+PHASES = ("generation", "classifier", "generator", "cpsd", "replay")
 
 
 class PhaseTimer:

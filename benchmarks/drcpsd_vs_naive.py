@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from avalanche_drcpsd.run import ExperimentConfig, run_experiment  # noqa: E402
-from avalanche_drcpsd.strategy import PHASES  # noqa: E402
+from avalanche_drcpsd.utils import PHASES  # noqa: E402
 from avalanche_drcpsd.utils import atomic_write, atomic_write_csv, atomic_write_text  # noqa: E402
 
 

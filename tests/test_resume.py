@@ -220,3 +220,19 @@ def test_a_run_that_skips_the_last_generator_phase_resumes_bit_for_bit(tmp_path)
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
     learned = sorted(load_file(out / "state" / "embeddings.safetensors"))
     assert learned == [f"class_{k}" for k in range(5)] + ["null"], "experience 1's classes (5-9) were not learned"
+
+
+def test_a_run_with_cpsd_before_the_generator_resumes_bit_for_bit(tmp_path):
+    """``cpsd_order="before_generator"`` (the original code's order): killed as a generator phase starts (its CPSD
+    phase checkpointed), the resumed run continues with that experience's generator phase, conditioned on the CPSD embeddings just learned,
+    and ends as the uninterrupted one."""
+    exp = experiment()
+    exp = ExperimentConfig.from_dict({**exp.to_dict(), "drcpsd": {**exp.drcpsd.to_dict(),
+                                                                  "cpsd_order": "before_generator"}})
+    ref, ref_summary, out = _reference_and_killed_run(exp, tmp_path, ["0:generator:start", "1:generator:start"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_average_accuracy"] == ref_summary["final_average_accuracy"]
+    for name in ("classifier.safetensors", "embeddings.safetensors", "generator/unet/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(out / "state" / name), load_file(ref / "state" / name)
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
+    assert (out / "logs" / "eval_results.csv").read_text() == (ref / "logs" / "eval_results.csv").read_text()

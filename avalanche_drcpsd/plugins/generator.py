@@ -387,25 +387,34 @@ class CPSDGeneratorPlugin(SupervisedPlugin):
         self.learn_classes(*self.experience_pixels(strategy.experience))
 
     # --- learning new classes ----------------------------------------------------------------------------
-    def learn_classes(self, images: Tensor, labels: Tensor) -> None:
-        """Generator and CPSD phases for the classes in ``labels`` that the buffer does not hold yet (``images``:
-        pixels in [0, 1], ``(B, C, H, W)``; :meth:`experience_pixels` gives them for an experience)."""
+    def learning_phases(self) -> Tuple[str, str]:
+        """The generator and CPSD phases in the order ``cpsd_order`` runs them."""
+        return ("cpsd", "generator") if self.config.cpsd_order == "before_generator" else ("generator", "cpsd")
+
+    def learn_classes(self, images: Tensor, labels: Tensor, *, new: Optional[Sequence[int]] = None,
+                      done: Sequence[str] = ()) -> None:
+        """Generator and CPSD phases (:meth:`learning_phases`) for the classes in ``labels`` that the buffer does
+        not hold yet, or for ``new`` (``images``: pixels in [0, 1], ``(B, C, H, W)``; :meth:`experience_pixels`
+        gives them for an experience). The phases in ``done`` are skipped: a run resumed from the checkpoint that
+        ended one of them continues with the next."""
         self.setup()
-        new = sorted(set(int(c) for c in labels.unique().tolist()) - set(self.learned_classes))
+        if new is None:
+            new = set(int(c) for c in labels.unique().tolist()) - set(self.learned_classes)
+        new = sorted(int(c) for c in new)
         if not new:
             return
         self._ensure_generator(images.shape[1:])
         tokens = self.class_tokens(new)
-        if self.config.cpsd_order == "before_generator":
-            self._cpsd_phase(images, labels, tokens)
-            cond_new = {c: self.buffer.embeddings[c] for c in new}
-        else:
-            cond_new = tokens
-        if self.trainable and self.generator_steps(new) > 0:
-            with self.timer("generator", self._exp):
-                self.train_generator(images, labels, cond_new)
-        if self.config.cpsd_order == "after_generator":
-            self._cpsd_phase(images, labels, tokens)
+        for phase in self.learning_phases():
+            if phase in done:
+                continue
+            if phase == "cpsd":
+                self._cpsd_phase(images, labels, tokens)
+            elif self.trainable and self.generator_steps(new) > 0:
+                cond_new = tokens if self.config.cpsd_order == "after_generator" else \
+                    {c: self.buffer.embeddings[c] for c in new}
+                with self.timer("generator", self._exp):
+                    self.train_generator(images, labels, cond_new)
 
     def generator_steps(self, new_classes: Sequence[int]) -> int:
         """Optimiser steps of the generator phase that learns ``new_classes``: ``generator_first_steps`` (when
