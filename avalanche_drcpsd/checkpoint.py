@@ -67,6 +67,7 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import nn
 
+from .plugins.base import StatefulPlugin
 from .utils import PHASES as STRATEGY_PHASES
 from .utils import WriteError, atomic_write, atomic_write_bytes, experience_classes, frozen_copy, sha256_file
 
@@ -83,7 +84,7 @@ __all__ = [
     "load_checkpoint",
 ]
 
-FORMAT = "avalanche_drcpsd.checkpoint/1"
+FORMAT = "avalanche_drcpsd.checkpoint/2"  # 2: plugin state by state_dict()
 KILL_ENV = "DRCPSD_TEST_KILL_AT"
 CHECKPOINT_DIR = "checkpoint"
 LATEST = "LATEST"
@@ -266,9 +267,9 @@ def _restore_attrs(obj: Any, attrs: Dict[str, tuple], exclude: Sequence[str] = (
         setattr(obj, name, _decode(node, current))
 
 
-#: attributes never restored: how this process prints or where it writes, not the run's state
-_SKIP_ATTRS = ("verbose", "path", "log_folder", "class_names", "captions", "_replay", "generator", "text_encoder", "buffer",
-               "old_teacher", "new_teacher", "_recorder", "cache", "source", "distill", "timer", "config", "rng")
+#: attributes never restored in the plugins and loggers saved by reflection (not :class:`StatefulPlugin`s): how
+#: this process prints or where it writes, not the run's state
+_SKIP_ATTRS = ("verbose", "path", "log_folder", "timer", "config")
 
 
 def _rng_state(plugins: Sequence[Any]) -> Dict[str, Any]:
@@ -710,8 +711,11 @@ class Checkpointer:
         s = self.strategy
         ev = s.evaluator
         plugins = []
-        for p in self.plugins:
-            plugins.append((type(p).__name__, {} if p is ev else _encode_attrs(p, exclude=_SKIP_ATTRS)))
+        for p in self.plugins:  # the package's plugins by their state_dict; others' plain-data attributes
+            if isinstance(p, StatefulPlugin):
+                plugins.append((type(p).__name__, {"state_dict": _encode(p.state_dict())}))
+            else:
+                plugins.append((type(p).__name__, {} if p is ev else _encode_attrs(p, exclude=_SKIP_ATTRS)))
 
         def items(d: Dict[Any, Any]) -> list:
             out = []
@@ -735,7 +739,7 @@ class Checkpointer:
                           "pending": pending, "active": bool(ev._active),
                           "metrics": [(type(m).__name__, _encode_attrs(m)) for m in ev.metrics]},
             "loggers": [(type(lg).__name__, _encode_attrs(lg, exclude=_SKIP_ATTRS)) for lg in ev.loggers],
-            "timer": [[int(e), str(p), float(v)] for (e, p), v in s.timer.seconds.items()],
+            "timer": s.timer.state_dict(),
             "modes": {"model": _module_modes(s.model), "generator": _module_modes(s.generator_plugin.generator)},
             "stop_training": bool(getattr(s, "_stop_training", False)),
         }
@@ -793,7 +797,9 @@ class Checkpointer:
         state = ckpt.load_data("state.pt")
         try:
             for plugin, (cls_name, attrs) in zip(self.plugins, state["plugins"]):
-                if plugin is not s.evaluator:
+                if isinstance(plugin, StatefulPlugin):
+                    plugin.load_state_dict(_decode(attrs["state_dict"], plugin.state_dict()))
+                elif plugin is not s.evaluator:
                     _restore_attrs(plugin, attrs, exclude=_SKIP_ATTRS)
             ev = s.evaluator
             ev.last_metric_results = _decode(state["evaluator"]["last"], ev.last_metric_results)
@@ -811,9 +817,7 @@ class Checkpointer:
                 if match is not None:
                     unused.remove(match)
                     _restore_attrs(match, attrs, exclude=_SKIP_ATTRS)
-            s.timer.seconds.clear()
-            for e, p, v in state["timer"]:
-                s.timer.seconds[(int(e), str(p))] = float(v)
+            s.timer.load_state_dict(state["timer"])
             _set_module_modes(s.model, state["modes"]["model"])
             _set_module_modes(gp.generator, state["modes"]["generator"])
             s._stop_training = bool(state.get("stop_training", False))

@@ -229,6 +229,16 @@ class PhaseTimer:
     def total(self, phase: str) -> float:
         return sum(v for (_, p), v in self.seconds.items() if p == phase)
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The seconds spent so far, ``{"seconds": [[experience, phase, seconds], ...]}`` (listeners are wiring,
+        not state)."""
+        return {"seconds": [[int(e), str(p), float(v)] for (e, p), v in self.seconds.items()]}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.seconds.clear()
+        for e, p, v in state["seconds"]:
+            self.seconds[(int(e), str(p))] = float(v)
+
 
 @torch.no_grad()
 def dataset_tensors(dataset: Dataset, batch_size: int = 1024) -> Tuple[Tensor, Tensor]:

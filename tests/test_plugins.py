@@ -385,3 +385,23 @@ def test_replay_min_steps_adds_epochs_and_few_steps_warn(mnist_small):
     for bad in (-1, 2.5):
         with pytest.raises(ValueError, match=f"min_steps={bad!r}"):
             DreamReplayPlugin(FakeSource([]), min_steps=bad)
+
+
+def test_each_plugin_owns_its_run_state(mnist_small):
+    """state_dict() holds exactly the declared run state (copies), load_state_dict() restores it, and a missing or
+    unknown entry is refused by name."""
+    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=4, batch_real=16, batch_syn=4, verbose=False)
+    strategy = _naive(MLP(), [replay])
+    strategy.train(mnist_small.train_stream[0])
+    strategy.train(mnist_small.train_stream[1])
+    state = replay.state_dict()
+    assert set(state) == set(DreamReplayPlugin.state_attributes)
+    assert state["seen_classes"] == replay.seen_classes and state["seen_classes"] is not replay.seen_classes
+    assert 1 in state["stats"] and state["replayed_batches"] > 0
+    fresh = DreamReplayPlugin(FakeSource([]), n_replay_per_class=4, verbose=False)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+    with pytest.raises(KeyError, match=r"missing \['stats'\].*unexpected \['extra'\]"):
+        fresh.load_state_dict({**{k: v for k, v in state.items() if k != "stats"}, "extra": 1})
+    for plugin in (CPSDGeneratorPlugin(tiny_config(), verbose=False), DistillPlugin(), MMDPlugin(FakeSource([]))):
+        assert set(plugin.state_dict()) == set(type(plugin).state_attributes)

@@ -22,18 +22,21 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor, nn
 
 from ..features import FeatureRecorder, check_single_task, forward_with_features
 from ..losses import feature_distillation_loss
 from ..utils import frozen_copy
+from .base import StatefulPlugin
 
 __all__ = ["DistillPlugin"]
 
 
-class DistillPlugin(SupervisedPlugin):
+class DistillPlugin(StatefulPlugin):
     """Keeps the teachers and computes feature distillation losses."""
+
+    #: the run state (:meth:`state_dict`); the teachers are saved by the phase checkpoint as weights
+    state_attributes = ("_snapshot_of",)
 
     def __init__(self, *, alpha: float = 1.0, pi: float = 1.0, during_training: bool = True,
                  targets: str = "split", feature_layer: Optional[str] = None):

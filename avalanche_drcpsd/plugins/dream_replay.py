@@ -40,7 +40,6 @@ from typing import Callable, Optional, Protocol, Sequence, Set, Tuple
 
 import torch
 from avalanche.evaluation.metric_results import MetricValue
-from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
@@ -51,6 +50,7 @@ from ..features import check_single_task, classify, forward_with_features
 from ..losses import balanced_kappa, isolation_loss, logit_distillation_loss
 from ..utils import PhaseTimer, experience_classes, interpolate_state_dicts
 from .distill import DistillPlugin
+from .base import StatefulPlugin
 
 __all__ = ["SyntheticSource", "DreamReplayPlugin", "replay_epochs_for", "FEW_REPLAY_STEPS"]
 
@@ -73,8 +73,11 @@ class SyntheticSource(Protocol):
     def sample_replay(self, classes: Sequence[int], n_per_class: int) -> Tuple[Tensor, Tensor]: ...
 
 
-class DreamReplayPlugin(SupervisedPlugin):
+class DreamReplayPlugin(StatefulPlugin):
     """Replay of synthetic old classes with an averaged student, isolation loss and teacher distillation."""
+
+    #: the run state (:meth:`state_dict`); the teachers are the distillation plugin's
+    state_attributes = ("seen_classes", "stats", "effective_kappa", "epochs_used", "replayed_batches")
 
     def __init__(
         self,

@@ -37,7 +37,6 @@ import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -51,12 +50,17 @@ from ..losses import generative_distillation_loss, ldm_loss
 from ..synthetic_cache import SyntheticCache, generator_identity, tensor_sha256, to_uint8
 from ..text_encoders import TextEncoder, TextEncoderError, load_text_encoder
 from ..utils import PhaseTimer, dataset_tensors, experience_classes, frozen_copy, is_last_experience, spread_items
+from .base import StatefulPlugin
 
 __all__ = ["CPSDGeneratorPlugin"]
 
 
-class CPSDGeneratorPlugin(SupervisedPlugin):
+class CPSDGeneratorPlugin(StatefulPlugin):
     """Owns the generator, the frozen text encoder and the embedding buffer; a :class:`SyntheticSource`."""
+
+    #: the run state (:meth:`state_dict`); the generator, the embedding buffer, the replay set and ``rng`` are saved by
+    #: the phase checkpoint in their own files
+    state_attributes = ("kept", "unlearned", "input_low", "input_high", "input_source", "_exp", "_trainable")
 
     def __init__(
         self,

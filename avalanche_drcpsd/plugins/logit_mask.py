@@ -16,10 +16,10 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
-from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor, nn
 
 from ..utils import experience_classes
+from .base import StatefulPlugin
 
 __all__ = ["SeenClassMaskPlugin", "SeenClassMask", "MASKED_LOGIT"]
 
@@ -42,9 +42,12 @@ class SeenClassMask:
         return output.masked_fill(~keep, MASKED_LOGIT)
 
 
-class SeenClassMaskPlugin(SupervisedPlugin):
+class SeenClassMaskPlugin(StatefulPlugin):
     """Masks the logits of the classes not seen yet, from the start of each training experience on (the
     experience's classes count as seen), in training, evaluation and everything else that calls the model."""
+
+    #: the run state (:meth:`state_dict`)
+    state_attributes = ("seen",)
 
     def __init__(self):
         super().__init__()

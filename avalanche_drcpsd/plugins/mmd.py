@@ -18,17 +18,20 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 from avalanche.evaluation.metric_results import MetricValue
-from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 
 from ..losses import mmd_gaussian
 from ..utils import dataset_tensors, experience_classes
+from .base import StatefulPlugin
 
 __all__ = ["MMDPlugin"]
 
 
-class MMDPlugin(SupervisedPlugin):
+class MMDPlugin(StatefulPlugin):
     """Publishes the per-class real-vs-synthetic MMD of a class-conditioned source at evaluation time."""
+
+    #: the run state (:meth:`state_dict`)
+    state_attributes = ("values", "_synthetic", "_synthetic_of")
 
     def __init__(self, source, *, samples_per_class: int = 64, seed: int = 0):
         """
