@@ -16,7 +16,9 @@ the start of that phase, i.e. from the previous phase's checkpoint.
 * ``rng.pt``: the torch (and CUDA), numpy and Python ``random`` states and every plugin's own ``torch.Generator``
   (e.g. ``CPSDGeneratorPlugin.rng``);
 * ``state.pt``: plain data only: the strategy's clock, the phase timer, the evaluator's metric states and pending
-  values, the CSV loggers' state, every plugin's counters and statistics (seen classes, replay statistics, ...);
+  values, the CSV loggers' state, the phase timer's ``state_dict()`` and each package plugin's ``state_dict()``
+  (:class:`~avalanche_drcpsd.plugins.base.StatefulPlugin`: seen classes, replay statistics, kept sets, ...); other
+  plugins' plain-data attributes;
 * ``manifest.json`` (written last): the position (experience, phase), the experiment's configuration, the size,
   row count and SHA-256 of every CSV log at that moment, the run's history so far, and the size and SHA-256 of
   every file above.
