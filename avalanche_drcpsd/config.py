@@ -287,10 +287,12 @@ class DRCPSDConfig:
     #: distillation terms are unchanged.
     student_init: str = "average"
     ema_alpha: float = 0.1
-    #: BatchNorm running statistics of the initial student: ``average`` of the two teachers' (like the weights)
-    #: or ``new``: the new teacher's, as the original code leaves them (it averages ``parameters()`` only,
-    #: ``backbone/backbone.py`` l. 292-298).
-    student_bn: str = "average"
+    #: BatchNorm running statistics of the initial student: ``new``: the new teacher's, as the original code
+    #: leaves them (it averages ``parameters()`` only, ``backbone/backbone.py`` l. 292-298), or *package*
+    #: ``average`` of the two teachers' (like the weights). ``new`` is the default since 2026-12-02: no
+    #: measurement favours ``average`` (``results/replay/README.md``: +0.9 and +1.4 points for ``new``, within the
+    #: seeds' spread); the CPU profiles whose results were made before pin ``average``.
+    student_bn: str = "new"
     #: per-step EMA of the student during replay, theta <- a * theta_after_step + (1 - a) * theta_before_step with
     #: this ``a`` (the original code's ``--c_ema``, alpha 0.1, off by default; ``backbone/train.py`` l. 374-388).
     #: None: off.

@@ -96,7 +96,7 @@ class DreamReplayPlugin(StatefulPlugin):
         distill_old_weight: float = 1.0,
         student_init: str = "average",
         ema_alpha: float = 0.1,
-        student_bn: str = "average",
+        student_bn: str = "new",
         step_ema: Optional[float] = None,
         epoch_length: str = "longer",
         augment: str = "none",
