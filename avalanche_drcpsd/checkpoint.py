@@ -39,11 +39,11 @@ repeated, see :mod:`avalanche_drcpsd.logging`), the state is restored and the ru
 the CPU the result is bit-identical to an uninterrupted run with the same seed (same CSV rows and accuracies; only
 the wall-clock ``PhaseTime`` values differ).
 
-**Test hook.** ``DRCPSD_TEST_KILL_AT="<exp>:<phase>[:<when>]"`` makes the process ``SIGKILL`` itself in phase
-``<phase>`` (``generation``, ``classifier``, ``generator``, ``cpsd``, ``replay``, ``eval``) of experience ``<exp>``:
-``when=end`` (default) after the phase's work and before its checkpoint, ``start`` as the phase begins,
-``checkpoint`` in the middle of writing its checkpoint (data files written, manifest and ``LATEST`` not). It exists
-for the tests of resuming (``tests/test_resume.py``); never set it otherwise.
+**Event hooks.** :data:`EVENT_HOOKS` holds callables ``hook(experience, phase, when)`` that every checkpointer
+calls in phase ``phase`` (``generation``, ``classifier``, ``generator``, ``cpsd``, ``replay``, ``eval``) of
+experience ``experience``: ``when="start"`` as the phase begins, ``"end"`` after its work and before its checkpoint,
+``"checkpoint"`` in the middle of writing it (data files written, manifest and ``LATEST`` not). It is empty: the
+resume tests put a hook there that kills the process (``tests/kill_switch.py``); a monitor could log progress.
 """
 
 from __future__ import annotations
@@ -56,8 +56,6 @@ import pickle
 import random
 import re
 import shutil
-import signal
-import sys
 import time
 import uuid
 from collections import OrderedDict, defaultdict
@@ -80,21 +78,19 @@ __all__ = [
     "Checkpoint",
     "CheckpointStore",
     "Checkpointer",
-    "KILL_ENV",
+    "EVENT_HOOKS",
     "CHECKPOINT_DIR",
     "FORMAT",
     "load_checkpoint",
 ]
 
 FORMAT = "avalanche_drcpsd.checkpoint/2"  # 2: plugin state by state_dict()
-KILL_ENV = "DRCPSD_TEST_KILL_AT"
 CHECKPOINT_DIR = "checkpoint"
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
 #: phases that end with a checkpoint, in the order they may run within an experience: the strategy's and its evaluation
 PHASES = (*STRATEGY_PHASES, "eval")
 _TIMED = ("classifier", "generator", "cpsd", "replay")  # checkpointed when their PhaseTimer context ends
-_KILL_WHEN = ("end", "start", "checkpoint")
 
 
 class CheckpointError(RuntimeError):
@@ -117,36 +113,18 @@ class NonFiniteError(FloatingPointError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The test hook
+# Event hooks
 # ----------------------------------------------------------------------------------------------------------------
-class KillSwitch:
-    """``DRCPSD_TEST_KILL_AT="<exp>:<phase>[:<when>]"``: SIGKILL this process at that point (a test hook)."""
+#: callables ``hook(experience, phase, when)`` called at every phase boundary and half-way through writing each
+#: checkpoint (the module's docstring); empty unless a test or a monitor adds one
+EVENT_HOOKS: List[Callable[[int, str, str], None]] = []
+#: the moments of a phase that :data:`EVENT_HOOKS` are told about
+EVENT_WHEN = ("start", "end", "checkpoint")
 
-    def __init__(self, spec: Optional[str]):
-        self.target: Optional[Tuple[int, str, str]] = None
-        if not spec:
-            return
-        parts = spec.strip().split(":")
-        if len(parts) not in (2, 3) or not parts[0].isdigit() or parts[1] not in PHASES or \
-                (len(parts) == 3 and parts[2] not in _KILL_WHEN):
-            raise CheckpointError(f"{KILL_ENV}={spec!r}; expected '<experience>:<phase>[:<when>]' with a phase in "
-                                  f"{list(PHASES)} and when in {list(_KILL_WHEN)}")
-        self.target = (int(parts[0]), parts[1], parts[2] if len(parts) == 3 else "end")
 
-    @classmethod
-    def from_env(cls) -> "KillSwitch":
-        return cls(os.environ.get(KILL_ENV))
-
-    def check(self, experience: int, phase: str, when: str) -> None:
-        if self.target == (experience, phase, when):
-            self.fire()
-
-    @staticmethod
-    def fire() -> None:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+def _event(experience: int, phase: str, when: str) -> None:
+    for hook in list(EVENT_HOOKS):
+        hook(experience, phase, when)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -558,7 +536,7 @@ class _RunGuard(SupervisedPlugin):
     def before_training_exp(self, strategy, **kwargs):
         exp = strategy.experience.current_experience
         if getattr(strategy.generator_plugin, "_replay", None) is not None:
-            self.checkpointer.kill.check(exp, "generation", "end")
+            _event(exp, "generation", "end")
             self.checkpointer.save("generation", exp)
 
     def before_backward(self, strategy, **kwargs):
@@ -607,7 +585,6 @@ class Checkpointer:
         self.run_state: Dict[str, Any] = {"history": [], "elapsed_s": 0.0}
         self.elapsed: Callable[[], float] = lambda: 0.0
         self.index = 0
-        self.kill = KillSwitch.from_env()
         self.last_name: Optional[str] = None
         self._learned_before: List[int] = []
         self._nonce = uuid.uuid4().hex
@@ -621,20 +598,20 @@ class Checkpointer:
     # --- phase boundaries -----------------------------------------------------------------------------------------
     def phase_started(self, phase: str, exp: int) -> None:
         if phase in PHASES:
-            self.kill.check(exp, phase, "start")
+            _event(exp, phase, "start")
         if phase == "classifier":
             self._learned_before = list(self.strategy.generator_plugin.learned_classes)
 
     def phase_ended(self, phase: str, exp: int) -> None:
         if phase in _TIMED and self.strategy.is_training:
-            self.kill.check(exp, phase, "end")
+            _event(exp, phase, "end")
             self.save(phase, exp)
 
     def eval_started(self, exp: int) -> None:
-        self.kill.check(exp, "eval", "start")
+        _event(exp, "eval", "start")
 
     def eval_ended(self, exp: int) -> None:
-        self.kill.check(exp, "eval", "end")
+        _event(exp, "eval", "end")
         self.save("eval", exp)
 
     # --- writing ------------------------------------------------------------------------------------------------
@@ -705,7 +682,7 @@ class Checkpointer:
             "plugins": [type(p).__name__ for p in self.plugins],
             "versions": {"torch": torch.__version__},
         }
-        ckpt = self.store.write(entries, manifest, files_written=lambda: self.kill.check(exp, phase, "checkpoint"))
+        ckpt = self.store.write(entries, manifest, files_written=lambda: _event(exp, phase, "checkpoint"))
         self.last_name = ckpt.name
         return ckpt
 

@@ -1,7 +1,7 @@
 """A tiny DR-CPSD run killed (SIGKILL, in a child process) inside every phase and resumed each time ends with the CSV rows,
 accuracies and learned state of an uninterrupted run with the same seed, bit for bit on the CPU.
 
-The kills use the test hook ``DRCPSD_TEST_KILL_AT="<exp>:<phase>[:<when>]"`` (see ``avalanche_drcpsd.checkpoint``).
+The kills use ``tests/kill_switch.py``'s ``"<exp>:<phase>[:<when>]"`` points, through the checkpointer's event hooks.
 They form one chain: each process resumes from the checkpoint the previous one left and is killed one phase further
 on, so every kill point is resumed from (and the resumed runs are themselves resumed)."""
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from avalanche_drcpsd.checkpoint import CHECKPOINT_DIR, KILL_ENV, CheckpointError, load_checkpoint
+from avalanche_drcpsd.checkpoint import CHECKPOINT_DIR, EVENT_HOOKS, CheckpointError, load_checkpoint
 from avalanche_drcpsd.run import ExperimentConfig, run_experiment
 
 from conftest import tiny_config
@@ -48,9 +48,11 @@ def _child(argv, kill_at, log):  # runs in a forked child process: `drcpsd-run A
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    os.environ.pop(KILL_ENV, None)
+    EVENT_HOOKS.clear()
     if kill_at:
-        os.environ[KILL_ENV] = kill_at
+        from kill_switch import KillSwitch
+
+        EVENT_HOOKS.append(KillSwitch(kill_at))
     from avalanche_drcpsd.run import main
 
     sys.exit(main(argv))

@@ -13,8 +13,9 @@ import types
 import pytest
 import torch
 
-from avalanche_drcpsd.checkpoint import (CHECKPOINT_DIR, KILL_ENV, CheckpointStore, CorruptCheckpointError,
-                                         KillSwitch, NonFiniteError, load_checkpoint)
+from avalanche_drcpsd.checkpoint import (CHECKPOINT_DIR, CheckpointStore, CorruptCheckpointError, NonFiniteError,
+                                         load_checkpoint)
+from kill_switch import KillSwitch, kill_at as killed_at
 from avalanche_drcpsd.data import DataError
 from avalanche_drcpsd.logging import MetricsCSVLogger, ResumableCSVLogger
 from avalanche_drcpsd.run import ExperimentConfig, main, run_experiment
@@ -40,11 +41,9 @@ def _raise_killed():
 
 
 def _stopped_run(out, kill_at: str, monkeypatch) -> None:
-    monkeypatch.setenv(KILL_ENV, kill_at)
     monkeypatch.setattr(KillSwitch, "fire", staticmethod(_raise_killed))
-    with pytest.raises(_Killed):
+    with killed_at(kill_at), pytest.raises(_Killed):
         run_experiment(experiment(), str(out), verbose=False)
-    monkeypatch.delenv(KILL_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -288,9 +287,8 @@ def test_run_refuses_data_the_classifier_cannot_learn_before_training(tmp_path, 
 
 
 def test_a_fresh_run_discards_an_old_checkpoint(copy_of, capsys, monkeypatch):
-    monkeypatch.setenv(KILL_ENV, "0:classifier:start")
     monkeypatch.setattr(KillSwitch, "fire", staticmethod(_raise_killed))
-    with pytest.raises(_Killed):
+    with killed_at("0:classifier:start"), pytest.raises(_Killed):
         run_experiment(experiment(), str(copy_of), verbose=False)
     assert "discarding the checkpoint" in capsys.readouterr().err
     assert load_checkpoint(str(copy_of)) is None
