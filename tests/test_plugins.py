@@ -129,9 +129,12 @@ def test_teacher_filter_runs_in_replay_and_reports_the_kept_share(mnist_small):
     assert 0 < replay.stats[1]["filter_kept"] <= 1
 
 
-def test_student_starts_as_average_of_teachers(mnist_small):
+def _initial_student(mnist_small, **replay_kwargs):
+    """Two experiences of a Naive strategy with dream replay: (model, replay plugin, {"student": the replay
+    student's state as replay began in experience 1})."""
     model = MLP()
-    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=4, batch_real=16, batch_syn=4, verbose=False)
+    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=4, batch_real=16, batch_syn=4, verbose=False,
+                               **replay_kwargs)
     strategy = _naive(model, [replay])
     strategy.train(mnist_small.train_stream[0])
     captured = {}
@@ -143,6 +146,11 @@ def test_student_starts_as_average_of_teachers(mnist_small):
 
     replay._make_optimizer = spy
     strategy.train(mnist_small.train_stream[1])
+    return model, replay, captured
+
+
+def test_student_starts_as_average_of_teachers(mnist_small):
+    model, replay, captured = _initial_student(mnist_small)
     old = replay.distill.old_teacher.state_dict()
     new = replay.distill.new_teacher.state_dict()
     for k, v in captured["student"].items():
@@ -162,21 +170,7 @@ def test_ema_student_init_uses_alpha(mnist_small):
 def test_fresh_student_is_a_seeded_new_initialisation(mnist_small):
     """student_init='fresh': the replay student starts from reset_parameters under seed + experience, not from
     either teacher, and the global random stream is left as it was."""
-    model = MLP()
-    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=4, batch_real=16, batch_syn=4,
-                               student_init="fresh", seed=7, verbose=False)
-    strategy = _naive(model, [replay])
-    strategy.train(mnist_small.train_stream[0])
-    captured = {}
-    original = replay._make_optimizer
-
-    def spy(strat):
-        captured["student"] = copy.deepcopy(strat.model.state_dict())
-        captured["rng"] = torch.random.get_rng_state()
-        return original(strat)
-
-    replay._make_optimizer = spy
-    strategy.train(mnist_small.train_stream[1])
+    _, replay, captured = _initial_student(mnist_small, student_init="fresh", seed=7)
     torch.manual_seed(7 + 1)
     expected = MLP().state_dict()  # the same modules reset in the same order
     for k, v in captured["student"].items():

@@ -190,6 +190,16 @@ def _reference_and_killed_run(exp: ExperimentConfig, tmp_path: Path, kills):
     return ref, ref_summary, out
 
 
+def _assert_same_end(ref, ref_summary, out) -> None:
+    """The killed-and-resumed run ended as the uninterrupted one: accuracy, classifier, embeddings, generator, rows."""
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_average_accuracy"] == ref_summary["final_average_accuracy"]
+    for name in ("classifier.safetensors", "embeddings.safetensors", "generator/unet/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(out / "state" / name), load_file(ref / "state" / name)
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
+    assert (out / "logs" / "eval_results.csv").read_text() == (ref / "logs" / "eval_results.csv").read_text()
+
+
 def test_resumed_run_keeps_the_kept_sets_ema_weights_and_fresh_teacher(tmp_path):
     """The issue-13 levers keep their state across a kill: with ``replay_draw="once"`` the kept synthetic sets of
     the old classes (a fresh process must not draw them again from the changed generator), the EMA weights that
@@ -199,12 +209,7 @@ def test_resumed_run_keeps_the_kept_sets_ema_weights_and_fresh_teacher(tmp_path)
                            drcpsd=tiny_config(gap_samples_per_class=4, replay_draw="once", generator_ema_decay=0.9,
                                               generator_distill_source="fresh"))
     ref, ref_summary, out = _reference_and_killed_run(exp, tmp_path, ["1:eval", "2:generator"])
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["final_average_accuracy"] == ref_summary["final_average_accuracy"]
-    for name in ("classifier.safetensors", "embeddings.safetensors", "generator/unet/diffusion_pytorch_model.safetensors"):
-        a, b = load_file(out / "state" / name), load_file(ref / "state" / name)
-        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
-    assert (out / "logs" / "eval_results.csv").read_text() == (ref / "logs" / "eval_results.csv").read_text()
+    _assert_same_end(ref, ref_summary, out)
 
 
 def test_a_run_that_skips_the_last_generator_phase_resumes_bit_for_bit(tmp_path):
@@ -226,15 +231,10 @@ def test_a_run_that_skips_the_last_generator_phase_resumes_bit_for_bit(tmp_path)
 
 def test_a_run_with_cpsd_before_the_generator_resumes_bit_for_bit(tmp_path):
     """``cpsd_order="before_generator"`` (the original code's order): killed as a generator phase starts (its CPSD
-    phase checkpointed), the resumed run continues with that experience's generator phase, conditioned on the CPSD embeddings just learned,
-    and ends as the uninterrupted one."""
+    phase checkpointed), the resumed run continues with that experience's generator phase, conditioned on the CPSD
+    embeddings just learned, and ends as the uninterrupted one."""
     exp = experiment()
     exp = ExperimentConfig.from_dict({**exp.to_dict(), "drcpsd": {**exp.drcpsd.to_dict(),
                                                                   "cpsd_order": "before_generator"}})
     ref, ref_summary, out = _reference_and_killed_run(exp, tmp_path, ["0:generator:start", "1:generator:start"])
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["final_average_accuracy"] == ref_summary["final_average_accuracy"]
-    for name in ("classifier.safetensors", "embeddings.safetensors", "generator/unet/diffusion_pytorch_model.safetensors"):
-        a, b = load_file(out / "state" / name), load_file(ref / "state" / name)
-        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
-    assert (out / "logs" / "eval_results.csv").read_text() == (ref / "logs" / "eval_results.csv").read_text()
+    _assert_same_end(ref, ref_summary, out)
