@@ -202,9 +202,6 @@ def default_experiment() -> ExperimentConfig:
             # the CPU profile's replay (results/README.md): class-balanced isolation weight, old-teacher logit
             # distillation, a smaller replay learning rate
             kappa=1.0, kappa_schedule="balanced", replay_kd_weight=3.0, replay_lr=0.01,
-            # a newly initialised replay student (results/replay/README.md: on Split-MNIST's kept sets, 0.891
-            # against the averaged student's 0.841 over 3 seeds)
-            student_init="fresh",
             gap_samples_per_class=16,
         ),
     )
