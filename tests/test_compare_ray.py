@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from avalanche_drcpsd.checkpoint import EVENT_HOOKS
 from avalanche_drcpsd.compare import main as compare_main
 from avalanche_drcpsd.compare import run_comparison
 from avalanche_drcpsd.run import ExperimentConfig
@@ -47,8 +46,11 @@ class Faults:
                 open(marker, "w").close()
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        EVENT_HOOKS.append(hook)
-        return lambda: EVENT_HOOKS.remove(hook)
+        # through the module: this class travels to the worker by value, and a global list would travel as a copy
+        from avalanche_drcpsd import checkpoint
+
+        checkpoint.EVENT_HOOKS.append(hook)
+        return lambda: checkpoint.EVENT_HOOKS.remove(hook)
 
 
 @pytest.fixture(scope="module")
