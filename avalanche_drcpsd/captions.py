@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-__all__ = ["CaptionError", "load_captions", "caption_prompts"]
+__all__ = ["CaptionError", "load_captions", "check_captions", "caption_prompts"]
 
 
 class CaptionError(ValueError):
@@ -85,6 +85,19 @@ def load_captions(path: str, class_names: Optional[Sequence[str]] = None) -> Dic
     if not out:
         raise CaptionError(f"captions file {path!r} holds no caption")
     return dict(sorted(out.items()))
+
+
+def check_captions(captions: Mapping[Any, Sequence[str]]) -> Dict[int, List[str]]:
+    """Caption lists given directly (``CPSDGeneratorPlugin(captions=...)``) as ``{class id: [captions]}``, each a
+    non-empty list of non-empty strings (else :class:`CaptionError` naming the class); :func:`load_captions`'s
+    output passes it."""
+    out: Dict[int, List[str]] = {}
+    for cls, texts in captions.items():
+        texts = list(texts)
+        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise CaptionError(f"captions of class {cls}: {texts!r}; expected a non-empty list of non-empty strings")
+        out[int(cls)] = texts
+    return out
 
 
 def caption_prompts(class_prompt: str, captions: Sequence[str]) -> List[str]:

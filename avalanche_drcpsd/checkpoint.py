@@ -692,7 +692,7 @@ class Checkpointer:
         plugins = []
         for p in self.plugins:  # the package's plugins by their state_dict; others' plain-data attributes
             if isinstance(p, StatefulPlugin):
-                plugins.append((type(p).__name__, {"state_dict": _encode(p.state_dict())}))
+                plugins.append((type(p).__name__, {"state_dict": _encode(p.state_dict(copy_values=False))}))
             else:
                 plugins.append((type(p).__name__, {} if p is ev else _encode_attrs(p, exclude=_SKIP_ATTRS)))
 
@@ -777,7 +777,7 @@ class Checkpointer:
         try:
             for plugin, (cls_name, attrs) in zip(self.plugins, state["plugins"]):
                 if isinstance(plugin, StatefulPlugin):
-                    plugin.load_state_dict(_decode(attrs["state_dict"], plugin.state_dict()))
+                    plugin.load_state_dict(_decode(attrs["state_dict"], plugin.state_dict(copy_values=False)))
                 elif plugin is not s.evaluator:
                     _restore_attrs(plugin, attrs, exclude=_SKIP_ATTRS)
             ev = s.evaluator

@@ -161,8 +161,9 @@ def run_comparison(configs: Dict[str, ExperimentConfig], strategies: Sequence[st
     ``<out>/<benchmark>/runs/<strategy>/seed<k>/``, then build each benchmark's report once from what finished.
 
     ``executor="local"`` runs them one after another in this process. ``"ray"`` makes every run a Ray task asking
-    for ``num_cpus`` = its thread count (and one GPU when its device is CUDA): ``ray.init()`` starts a local cluster
-    on this machine when ``ray_address`` is None, else joins that cluster (``"auto"`` or ``"HOST:PORT"``). A task
+    for ``num_cpus`` = its thread count (1 when it has none) and one GPU when its device is CUDA: ``ray.init()``
+    starts a local cluster on this machine when ``ray_address`` is None, else joins that cluster (``"auto"`` or
+    ``"HOST:PORT"``). A task
     whose worker dies is retried up to ``max_retries`` times, and a DR-CPSD run continues from its last phase
     checkpoint. A run that fails with an error (bad configuration, non-finite loss) is reported with it and the
     others go on. Ctrl-C cancels the tasks still running; the same call again reuses what finished and resumes the
@@ -183,10 +184,11 @@ def run_comparison(configs: Dict[str, ExperimentConfig], strategies: Sequence[st
         fid_dirs[benchmark] = (ensure_feature_extractor(base, os.path.join(folder, "feature_extractor"))
                                if fid and "drcpsd" in strategies else None)
     grid = plan_grid(configs, strategies, seeds, out, fid_dirs)
-    results: List[GridResult] = [GridResult(r, "reused") for r in grid if is_finished(r)]
+    finished_before = [is_finished(r) for r in grid]
+    results: List[GridResult] = [GridResult(r, "reused") for r, f in zip(grid, finished_before) if f]
     for r in results:
         print(f"{r.run.label}: done, reused", flush=True)
-    todo = [r for r in grid if not is_finished(r)]
+    todo = [r for r, f in zip(grid, finished_before) if not f]
     bar = tqdm(total=len(grid), initial=len(results), desc="comparison", unit="run", disable=not todo, leave=False)
 
     def finished(result: GridResult) -> None:
@@ -239,10 +241,10 @@ def _run_on_ray(ray, todo: Sequence[GridRun], address: Optional[str], max_retrie
     task = ray.remote(execute_run)
     pending = {}
     try:
-        for run in todo:
-            exp = ExperimentConfig.from_dict(run.experiment)
-            gpus = 1 if str(exp.drcpsd.device).startswith("cuda") else 0
-            ref = task.options(num_cpus=max(1, int(exp.threads)), num_gpus=gpus, max_retries=max_retries,
+        for run in todo:  # run.experiment is ExperimentConfig.to_dict() of a config plan_grid validated
+            gpus = 1 if str(run.experiment["drcpsd"]["device"]).startswith("cuda") else 0
+            cpus = run.experiment["threads"] or 1  # no thread count: torch's default inside a 1-CPU task
+            ref = task.options(num_cpus=cpus, num_gpus=gpus, max_retries=max_retries,
                                retry_exceptions=False, name=run.label).remote(run, verbose=verbose,
                                                                               worker_setup=worker_setup)
             pending[ref] = run
@@ -300,7 +302,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         results = run_comparison(configs, strategies, args.seeds, args.out, executor=args.executor,
                                  ray_address=args.ray_address, max_retries=args.max_retries, fid=not args.no_fid,
-                                 verbose=not args.quiet, command=command, title="{benchmark}, %s profile" % args.profile)
+                                 verbose=not args.quiet, command=command,
+                                 title="{benchmark}, %s profile" % args.profile)
     except ImportError as exc:
         parser.error(str(exc))
     failed = [r for r in results if r.status == "failed"]

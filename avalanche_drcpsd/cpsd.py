@@ -214,7 +214,7 @@ def train_cpsd_projection(
                 if augment is not None:
                     batch = augment(batch, generator)
                 z_t, noise, t = denoiser.noisy(denoiser.encode(batch), generator)
-                if captions:  # a caption per image (drawn after the noise, so one caption equals no caption)
+                if captions:  # a caption per image, drawn after the noise
                     cond = projection(tokens[torch.randint(len(tokens), (batch.shape[0],), generator=generator)])
                 else:
                     cond = projection(tokens).expand(batch.shape[0], -1, -1)

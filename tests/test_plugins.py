@@ -391,6 +391,7 @@ def test_each_plugin_owns_its_run_state(mnist_small):
     state = replay.state_dict()
     assert set(state) == set(DreamReplayPlugin.state_attributes)
     assert state["seen_classes"] == replay.seen_classes and state["seen_classes"] is not replay.seen_classes
+    assert replay.state_dict(copy_values=False)["seen_classes"] is replay.seen_classes  # the live objects
     assert 1 in state["stats"] and state["replayed_batches"] > 0
     fresh = DreamReplayPlugin(FakeSource([]), n_replay_per_class=4, verbose=False)
     fresh.load_state_dict(state)

@@ -20,8 +20,12 @@ class StatefulPlugin(SupervisedPlugin):
     #: the attributes that make up :meth:`state_dict`
     state_attributes: Tuple[str, ...] = ()
 
-    def state_dict(self) -> Dict[str, Any]:
-        """A copy of the run state: ``{name: value}`` for every name in :attr:`state_attributes`."""
+    def state_dict(self, *, copy_values: bool = True) -> Dict[str, Any]:
+        """The run state: ``{name: value}`` for every name in :attr:`state_attributes`, copied, or with
+        ``copy_values=False`` the live objects (for a reader that copies or only inspects them, as the phase
+        checkpoint's encoder does)."""
+        if not copy_values:
+            return {name: getattr(self, name) for name in self.state_attributes}
         return {name: copy.deepcopy(getattr(self, name)) for name in self.state_attributes}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

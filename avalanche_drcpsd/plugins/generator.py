@@ -41,7 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..augment import jpeg_round_trip, reference_cpsd_augment
-from ..captions import CaptionError, caption_prompts, load_captions
+from ..captions import caption_prompts, check_captions, load_captions
 from ..config import DRCPSDConfig, check_device
 from ..cpsd import EmbeddingBuffer, train_cpsd_projection
 from ..generator import DiffusionGenerator, draw_guidance_scales
@@ -93,12 +93,7 @@ class CPSDGeneratorPlugin(StatefulPlugin):
         if captions is None and self.config.captions_file is not None:
             captions = load_captions(self.config.captions_file, self.class_names)
         #: class id -> its captions (classes missing here keep their one class prompt)
-        self.captions: Dict[int, List[str]] = {}
-        for cls, texts in (captions or {}).items():
-            texts = list(texts)
-            if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-                raise CaptionError(f"captions of class {cls}: {texts!r}; expected a non-empty list of non-empty strings")
-            self.captions[int(cls)] = texts
+        self.captions: Dict[int, List[str]] = check_captions(captions or {})
         self.generator = generator
         self.text_encoder = text_encoder
         self.timer = timer if timer is not None else PhaseTimer()
