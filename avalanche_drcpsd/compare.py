@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .baselines import names as strategy_names
 from .config import ConfigError
-from .data import SPLIT_BENCHMARKS
+from .data import FSCIL_BENCHMARKS, SPLIT_BENCHMARKS
 from .report import build_report
 from .run import RUN_INFO, ExperimentConfig, run_experiment
 from .utils import atomic_write_text
@@ -35,7 +35,7 @@ from .utils import atomic_write_text
 __all__ = ["BENCHMARKS", "SEEDS", "EXECUTORS", "GridRun", "GridResult", "profile_config", "plan_grid",
            "execute_run", "run_comparison", "main"]
 
-BENCHMARKS = SPLIT_BENCHMARKS
+BENCHMARKS = SPLIT_BENCHMARKS + FSCIL_BENCHMARKS
 SEEDS = (42, 69, 1714)
 #: how the grid's runs are executed (:func:`run_comparison`)
 EXECUTORS = ("local", "ray")

@@ -118,6 +118,10 @@ class DRCPSDConfig:
     #: consecutive hidden values (:class:`~avalanche_drcpsd.cpsd.CPSDProjection`).
     projection: str = "token"
     cpsd_epochs: int = 1
+    #: *package*: at least this many CPSD optimiser steps per class, whatever ``cpsd_epochs`` makes of the class's
+    #: images (the passes go on over reshuffled images and stop at the step); 0: ``cpsd_epochs`` passes only. A
+    #: few-shot class (5 images, batch 64) is one step per epoch: count its training in steps instead.
+    cpsd_min_steps: int = 0
     #: AdamW learning rate of the projection. The original code's is ``--cpsd_learning_rate`` (1e-4) times the
     #: batch size (4) under ``--cpsd_scale_lr``, 4e-4; without that flag its ``learning_rate`` is never assigned and
     #: training stops with an error (``cpsd/train_cpsd.py`` l. 202-218 at 769e79b), so 4e-4 is how it runs.
@@ -361,7 +365,8 @@ class DRCPSDConfig:
                      "replay_batch_real", "replay_batch_syn", "unet_layers_per_block", "unet_attention_head_dim",
                      "patch_size", "generator_teacher_steps"):
             _int_at_least(name, getattr(self, name), 1)
-        for name in ("generator_steps", "gap_samples_per_class", "replay_min_steps", "seed", "generator_warmup_steps"):
+        for name in ("generator_steps", "gap_samples_per_class", "replay_min_steps", "seed", "generator_warmup_steps",
+                     "cpsd_min_steps"):
             _int_at_least(name, getattr(self, name), 0)
         if self.seed >= 2 ** 32:
             raise ConfigError(f"seed={self.seed!r} must be < 2**32 (what numpy and torch accept as a seed)")

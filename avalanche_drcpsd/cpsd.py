@@ -22,7 +22,7 @@ from .config import CHOICES
 from .losses import cpsd_loss
 from .utils import atomic_write
 
-__all__ = ["CPSDProjection", "EmbeddingBuffer", "train_cpsd_projection", "PROJECTIONS"]
+__all__ = ["CPSDProjection", "EmbeddingBuffer", "cpsd_steps", "train_cpsd_projection", "PROJECTIONS"]
 
 #: the forms of the projection (:class:`CPSDProjection`)
 PROJECTIONS = CHOICES["projection"]
@@ -168,6 +168,12 @@ class EmbeddingBuffer:
         return buf
 
 
+def cpsd_steps(n_images: int, epochs: int, batch_size: int, min_steps: int = 0) -> int:
+    """The optimiser steps of :func:`train_cpsd_projection`: ``epochs`` passes of ``ceil(n / batch_size)`` batches,
+    at least ``min_steps``."""
+    return max(epochs * -(-n_images // batch_size), min_steps)
+
+
 def train_cpsd_projection(
     denoiser,
     tokens: Tensor,
@@ -176,6 +182,7 @@ def train_cpsd_projection(
     mode: str = "token",
     epochs: int = 1,
     batch_size: int = 4,
+    min_steps: int = 0,
     lr: float = 1e-4,
     weight_decay: float = 0.0,
     augment: Optional[Callable[[Tensor, Optional[torch.Generator]], Tensor]] = None,
@@ -192,7 +199,8 @@ def train_cpsd_projection(
     states ``(L, D)`` of the class prompt, or ``(K, L, D)`` of K caption prompts, one drawn (with ``generator``)
     for every image of every batch; ``images`` its real images in [0, 1]; ``augment(batch, generator)``
     (e.g. :func:`~avalanche_drcpsd.augment.reference_cpsd_augment`) transforms each batch before it is encoded. AdamW with ``lr`` and
-    ``weight_decay`` (the original code: 4e-4 and 0.01). Returns the trained projection.
+    ``weight_decay`` (the original code: 4e-4 and 0.01). ``epochs`` passes over the reshuffled images, and more
+    until ``min_steps`` optimiser steps are done (:func:`cpsd_steps`). Returns the trained projection.
     """
     if tokens.dim() not in (2, 3):
         raise ValueError(f"tokens of shape {tuple(tokens.shape)}; expected (L, D) or (K, L, D)")
@@ -207,9 +215,14 @@ def train_cpsd_projection(
         p.requires_grad_(False)
     try:
         n = images.shape[0]
-        for _ in range(epochs):
+        total = cpsd_steps(n, epochs, batch_size, min_steps)
+        done = 0
+        while done < total:
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, batch_size):
+                if done == total:
+                    break
+                done += 1
                 batch = images[order[start:start + batch_size]]
                 if augment is not None:
                     batch = augment(batch, generator)

@@ -47,6 +47,13 @@ from .utils import atomic_write
 
 __all__ = [
     "BENCHMARKS",
+    "FSCIL_BENCHMARKS",
+    "FSCIL_PRESETS",
+    "benchmark_options",
+    "fscil_benchmark",
+    "fscil_cifar10",
+    "fscil_cifar100",
+    "fscil_gtsrb",
     "SPLIT_BENCHMARKS",
     "BenchmarkSpec",
     "ChecksumError",
@@ -75,8 +82,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: The benchmarks read from a data root, in the order runners, reports and tables list them.
 SPLIT_BENCHMARKS = ("split_mnist", "split_fmnist", "split_cifar10", "split_gtsrb")
-#: Valid names for :func:`make_benchmark`: the embedded default and the split benchmarks.
-BENCHMARKS = ("default",) + SPLIT_BENCHMARKS
+#: Valid names for :func:`make_benchmark`: the embedded default, the split and the few-shot (FSCIL) benchmarks.
+BENCHMARKS = ("default",) + SPLIT_BENCHMARKS + ("fscil_gtsrb", "fscil_cifar10", "fscil_cifar100")
 
 DATA_README = "the data folder's README.md (layout in avalanche_drcpsd.data's docstring)"
 CACHE_ENV = "AVALANCHE_DRCPSD_CACHE"
@@ -133,6 +140,9 @@ class BenchmarkSpec:
     classes_per_exp: tuple[int, ...]
     prompt_template: str = "a photo of a {}"
     class_order: tuple[int, ...] = ()  # () means the natural order 0..K-1
+    #: few-shot class-incremental benchmarks (:func:`fscil_benchmark`): training images per class of every
+    #: session after the first (the base session); None for the split benchmarks
+    k_shot: int | None = None
 
     def __post_init__(self) -> None:
         k = len(self.class_names)
@@ -154,6 +164,11 @@ class BenchmarkSpec:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def base_classes(self) -> int | None:
+        """The base session's number of classes (FSCIL), None for a split benchmark."""
+        return self.classes_per_exp[0] if self.k_shot is not None else None
 
     def classes_in_experience(self, exp: int) -> tuple[int, ...]:
         """The labels introduced by experience ``exp``."""
@@ -662,7 +677,238 @@ def split_default(
     )
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Few-shot class-incremental (FSCIL) benchmarks
+# --------------------------------------------------------------------------------------------------------------
+#: The FSCIL presets (:func:`fscil_benchmark` on the data folder's sets, or on CIFAR-100 in torchvision's layout).
+FSCIL_BENCHMARKS = ("fscil_gtsrb", "fscil_cifar10", "fscil_cifar100")
+#: Each preset's data set and split sizes: ``fscil_cifar100`` is the standard protocol (60 base classes, 8 sessions
+#: of 5-way 5-shot); the two others fit the data folder's sets (every class used).
+FSCIL_PRESETS = {
+    "fscil_gtsrb": {"source": "split_gtsrb", "base_classes": 23, "n_way": 5, "k_shot": 5, "sessions": 4},
+    "fscil_cifar10": {"source": "split_cifar10", "base_classes": 5, "n_way": 1, "k_shot": 5, "sessions": 5},
+    "fscil_cifar100": {"source": "cifar100", "base_classes": 60, "n_way": 5, "k_shot": 5, "sessions": 8},
+}
+#: ``torchvision.datasets.CIFAR100``'s folder under the data root (its python pickles, read without torchvision:
+#: its integrity check would need the original files' md5s, and nothing is ever downloaded).
+CIFAR100_LAYOUT = ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta")
+
+
+def _read_cifar100(root: Path) -> tuple[SplitArrays, SplitArrays, tuple[str, ...]]:
+    """CIFAR-100 from torchvision's layout (``<root>/cifar-100-python/{train,test,meta}``): uint8 (N, 32, 32, 3)
+    images, fine labels and the fine class names. The files are Python pickles, as torchvision reads them: only
+    point this at a copy of CIFAR-100 you trust."""
+    import pickle
+
+    paths = _require_files(root, CIFAR100_LAYOUT, "torchvision's CIFAR-100 folder " + ", ".join(CIFAR100_LAYOUT),
+                           verify=False)
+
+    def load(path: Path) -> dict:
+        with open(path, "rb") as fh:
+            return pickle.load(fh, encoding="latin1")
+
+    splits = []
+    for path in paths[:2]:
+        d = load(path)
+        if "data" not in d or "fine_labels" not in d:
+            raise DataError(f"{path}: expected a CIFAR-100 pickle with 'data' and 'fine_labels'")
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        splits.append((np.ascontiguousarray(x), np.asarray(d["fine_labels"], dtype=np.int64)))
+    names = tuple(load(paths[2]).get("fine_label_names", ()))
+    if len(names) != 100:
+        raise DataError(f"{paths[2]}: expected 100 'fine_label_names', got {len(names)}")
+    return splits[0], splits[1], names
+
+
+def _as_arrays(data: Any, split: str) -> tuple[Tensor, Tensor]:
+    """``(images, labels)`` tensors from an ``(x, y)`` pair or a map-style data set of ``(x, y, ...)`` items."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(v) for v in data):
+        x, y = data
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        if len(data) == 0:
+            raise DataError(f"the {split} data set is empty")
+        items = [data[i] for i in range(len(data))]
+        if not all(isinstance(it, (tuple, list)) and len(it) >= 2 and torch.is_tensor(it[0]) for it in items):
+            raise DataError(f"the {split} data set's items must be (image tensor, label, ...); got "
+                            f"{type(items[0]).__name__}")
+        x = torch.stack([it[0] for it in items])
+        y = torch.as_tensor([int(it[1]) for it in items])
+    else:
+        raise DataError(f"{split}={type(data).__name__}: expected an (images, labels) pair of tensors or a "
+                        "map-style data set of (image tensor, label) items")
+    if x.dim() != 4 or x.shape[0] != y.shape[0] or y.dim() != 1:
+        raise DataError(f"{split} images {tuple(x.shape)} and labels {tuple(y.shape)}: expected (N, C, H, W) "
+                        "and (N,)")
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255.0)
+    return x.float(), y.long()
+
+
+def fscil_benchmark(
+    data: Any,
+    *,
+    base_classes: int,
+    n_way: int,
+    k_shot: int,
+    sessions: int,
+    seed: int = 0,
+    test: Any = None,
+    class_names: Sequence[str] | None = None,
+    data_root: PathLike | None = None,
+    class_order: Sequence[int] | None = None,
+    base_per_class: int | None = None,
+    test_per_class: int | None = None,
+    prompt_template: str | None = None,
+    name: str = "fscil",
+    cache_dir: PathLike | None = None,
+    use_cache: bool = True,
+) -> Any:
+    """A few-shot class-incremental benchmark: a base session, then ``sessions`` sessions of ``n_way`` new classes
+    with ``k_shot`` training images apiece.
+
+    ``data`` is a data set name (``"split_mnist"``, ``"split_fmnist"``, ``"split_cifar10"``, ``"split_gtsrb"``:
+    read from ``data_root``; ``"cifar100"``: torchvision's ``cifar-100-python/`` folder under ``data_root``), or
+    the training data as an ``(images, labels)`` pair of tensors or a map-style data set of ``(image, label)``
+    items, with ``test`` the same for the test split (images uint8 or float in [0, 1], ``(N, C, H, W)``).
+
+    Classes arrive in ``class_order`` (default 0..K-1): the first ``base_classes`` form the base session, which keeps
+    every training image of its classes (``base_per_class``: at most that many, seeded); each later session keeps
+    ``k_shot`` training images of each of its ``n_way`` classes, chosen with ``seed``; every class appears in one
+    session only. Test experience ``e`` holds every test image of session ``e``'s classes (``test_per_class``: at
+    most that many), so after session ``i`` the test experiences ``0..i`` are exactly the classes seen so far.
+    Classes the sessions do not use are dropped and the used ones relabelled ``0..K'-1`` in their original order
+    (the class names follow). Experiences carry task label 0, as in the split benchmarks.
+
+    Returns an Avalanche ``NCScenario`` with ``class_names`` and ``spec`` (``spec.k_shot`` set, ``spec.base_classes``
+    the base session's size).
+    """
+    for arg, value, low in (("base_classes", base_classes, 1), ("n_way", n_way, 1), ("k_shot", k_shot, 1),
+                            ("sessions", sessions, 0), ("seed", seed, 0)):
+        _check_int(arg, value, low=low)
+    for arg, value in (("base_per_class", base_per_class), ("test_per_class", test_per_class)):
+        if value is not None:
+            _check_int(arg, value, low=1)
+    if isinstance(data, str):
+        known = tuple(_SOURCES) + ("cifar100",)
+        _check_choice("data set", data, known)
+        if test is not None or class_names is not None:
+            raise DataError(f"data={data!r} is read from data_root: pass neither test= nor class_names=")
+        root = _data_root(data_root, name)
+        if data == "cifar100":
+            train_arrays, test_arrays, names = _read_cifar100(root)
+            shape, template = (3, 32, 32), "a photo of a {}"
+        else:
+            source = _SOURCES[data]
+            paths = _require_files(root, source.files, source.layout, False)
+            names = source.class_names or read_packed_classes(paths[0])
+            cache = {"cache_dir": cache_dir, "use_cache": use_cache}
+            train_arrays = _load_split(source, paths, "train", None, seed, cache)
+            test_arrays = _load_split(source, paths, "test", None, seed, cache)
+            shape, template = source.image_shape, source.prompt_template
+        x_train, y_train = to_image_tensor(train_arrays[0]), torch.from_numpy(train_arrays[1]).long()
+        x_test, y_test = to_image_tensor(test_arrays[0]), torch.from_numpy(test_arrays[1]).long()
+    else:
+        if test is None:
+            raise DataError("fscil_benchmark on in-memory data needs test= (the test split, as data)")
+        x_train, y_train = _as_arrays(data, "train")
+        x_test, y_test = _as_arrays(test, "test")
+        k = int(max(y_train.max(), y_test.max())) + 1
+        names = tuple(class_names) if class_names is not None else tuple(str(c) for c in range(k))
+        if len(names) < k:
+            raise DataError(f"class_names has {len(names)} names; the labels need at least {k}")
+        shape, template = tuple(x_train.shape[1:]), "a photo of a {}"
+    k = len(names)
+    used = base_classes + n_way * sessions
+    if used > k:
+        raise DataError(f"base_classes={base_classes} + n_way={n_way} x sessions={sessions} = {used} classes; "
+                        f"the data set has {k}")
+    order = list(range(k)) if class_order is None else [int(c) for c in class_order]
+    if sorted(order) != list(range(k)):
+        raise DataError(f"class_order={list(class_order)!r} must be a permutation of 0..{k - 1}")
+    arrival = order[:used]
+    present = set(y_train.unique().tolist())
+    absent = [c for c in arrival if c not in present]
+    if absent:
+        raise DataError(f"classes {absent} have no training image")
+    rng_seed = seed
+    keep = []
+    labels = y_train.numpy()
+    for position, c in enumerate(arrival):
+        rows = np.flatnonzero(labels == c)
+        cap = base_per_class if position < base_classes else k_shot
+        if position >= base_classes and len(rows) < k_shot:
+            raise DataError(f"class {c} ({names[c]!r}) has {len(rows)} training images; k_shot={k_shot} needs more")
+        if cap is not None and len(rows) > cap:
+            rows = np.sort(np.random.default_rng([rng_seed, c]).choice(rows, cap, replace=False))
+        keep.append(rows)
+    train_rows = np.sort(np.concatenate(keep))
+    test_labels = y_test.numpy()
+    test_rows = np.flatnonzero(np.isin(test_labels, arrival))
+    if test_per_class is not None:
+        chosen = select_per_class(test_labels[test_rows], test_per_class, seed)
+        test_rows = test_rows[chosen]
+    relabel = {c: i for i, c in enumerate(sorted(arrival))}  # the used classes, in their original order
+    to_new = np.vectorize(relabel.__getitem__, otypes=[np.int64])
+    y_tr = torch.from_numpy(to_new(labels[train_rows]))
+    y_te = torch.from_numpy(to_new(test_labels[test_rows]))
+    spec = BenchmarkSpec(
+        name=name, class_names=tuple(names[c] for c in sorted(arrival)), image_shape=tuple(int(v) for v in shape),
+        n_experiences=1 + sessions, classes_per_exp=(base_classes,) + (n_way,) * sessions,
+        prompt_template=prompt_template or template, class_order=tuple(relabel[c] for c in arrival),
+        k_shot=k_shot,
+    )
+    return make_tensor_benchmark(spec, (x_train[train_rows], y_tr), (x_test[test_rows], y_te))
+
+
+def _fscil_preset(benchmark: str) -> Callable[..., Any]:
+    preset = FSCIL_PRESETS[benchmark]
+
+    def builder(
+        data_root: PathLike | None,
+        *,
+        base_classes: int = preset["base_classes"],
+        n_way: int = preset["n_way"],
+        k_shot: int = preset["k_shot"],
+        sessions: int = preset["sessions"],
+        seed: int = 0,
+        class_order: Sequence[int] | None = None,
+        base_per_class: int | None = None,
+        test_per_class: int | None = None,
+        verify: bool = False,
+        cache_dir: PathLike | None = None,
+        use_cache: bool = True,
+    ) -> Any:
+        source = preset["source"]
+        if verify and source in _SOURCES:
+            _require_files(_data_root(data_root, benchmark), _SOURCES[source].files, _SOURCES[source].layout, True)
+        return fscil_benchmark(
+            source, data_root=data_root, base_classes=base_classes, n_way=n_way, k_shot=k_shot, sessions=sessions,
+            seed=seed, class_order=class_order, base_per_class=base_per_class, test_per_class=test_per_class,
+            name=benchmark, cache_dir=cache_dir, use_cache=use_cache,
+        )  # fmt: skip
+
+    builder.__name__ = builder.__qualname__ = benchmark
+    builder.__doc__ = (
+        f"FSCIL on {source_name(preset['source'])}: {preset['base_classes']} base classes, then {preset['sessions']} "
+        f"sessions of {preset['n_way']}-way {preset['k_shot']}-shot (:func:`fscil_benchmark`; every argument "
+        "overrides the preset's)."
+    )
+    return builder
+
+
+def source_name(source: str) -> str:
+    return {"split_gtsrb": "GTSRB", "split_cifar10": "CIFAR-10", "cifar100": "CIFAR-100 (torchvision's layout)",
+            "split_mnist": "MNIST", "split_fmnist": "Fashion-MNIST"}[source]
+
+
+fscil_gtsrb = _fscil_preset("fscil_gtsrb")
+fscil_cifar10 = _fscil_preset("fscil_cifar10")
+fscil_cifar100 = _fscil_preset("fscil_cifar100")
+
 _BUILDERS: dict[str, Callable[..., Any]] = {
+    "fscil_gtsrb": fscil_gtsrb,
+    "fscil_cifar10": fscil_cifar10,
+    "fscil_cifar100": fscil_cifar100,
     "split_mnist": split_mnist,
     "split_fmnist": split_fmnist,
     "split_cifar10": split_cifar10,
@@ -671,16 +917,30 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
 
 
 _SOURCE_OPTIONS = ("verify", "cache_dir", "use_cache")  # options about reading files: meaningless for "default"
+_SPLIT_OPTIONS = ("n_experiences", "train_per_class", "test_per_class", "class_order") + _SOURCE_OPTIONS
+_FSCIL_OPTIONS = ("base_classes", "n_way", "k_shot", "sessions", "base_per_class", "test_per_class",
+                  "class_order") + _SOURCE_OPTIONS
+
+
+def benchmark_options(name: str) -> tuple[str, ...]:
+    """The keyword arguments :func:`make_benchmark` accepts for ``name`` (besides ``seed``)."""
+    _check_choice("benchmark", name, BENCHMARKS)
+    return _FSCIL_OPTIONS if name in FSCIL_BENCHMARKS else _SPLIT_OPTIONS
 
 
 def make_benchmark(name: str, data_root: PathLike | None = None, **kwargs: Any) -> Any:
     """Build a benchmark by name (one of :data:`BENCHMARKS`).
 
-    ``kwargs`` go to the builder (``n_experiences``, ``train_per_class``, ``test_per_class``, ``seed``,
-    ``class_order``, ``verify``, ``cache_dir``, ``use_cache``). ``"default"`` ignores ``data_root`` and the
-    file options ``verify``/``cache_dir``/``use_cache``, so one set of kwargs works for every name.
+    ``kwargs`` go to the builder: for the split benchmarks ``n_experiences``, ``train_per_class``,
+    ``test_per_class``, ``seed``, ``class_order``, ``verify``, ``cache_dir``, ``use_cache``; for the FSCIL ones
+    ``base_classes``, ``n_way``, ``k_shot``, ``sessions``, ``base_per_class``, ``test_per_class``, ``seed``,
+    ``class_order`` and the same file options (:func:`benchmark_options`). ``"default"`` ignores ``data_root`` and
+    the file options ``verify``/``cache_dir``/``use_cache``, so one set of kwargs works for every split name.
     """
-    _check_choice("benchmark", name, BENCHMARKS)
+    allowed = benchmark_options(name)
+    unknown = sorted(k for k in kwargs if k != "seed" and k not in allowed)
+    if unknown:
+        raise DataError(f"benchmark {name!r} takes no option {unknown}; valid: {', '.join(allowed)} and seed")
     if name == "default":
         return split_default(**{k: v for k, v in kwargs.items() if k not in _SOURCE_OPTIONS})
     return _BUILDERS[name](data_root, **kwargs)

@@ -46,11 +46,11 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .baselines import STRATEGIES, is_joint
-from .data import SPLIT_BENCHMARKS
+from .data import FSCIL_BENCHMARKS, SPLIT_BENCHMARKS
 from .utils import atomic_write, atomic_write_csv, atomic_write_text
 
 __all__ = ["RunLogs", "load_run", "find_runs", "summarise", "target_checks", "build_report", "plot_accuracy",
-           "plot_accuracy_memory", "main", "TARGETS"]
+           "plot_accuracy_memory", "plot_sessions", "session_rows", "main", "TARGETS"]
 
 STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
 MMD_PREFIX = "RealSynMMD/eval_phase/test_stream/Class"
@@ -110,6 +110,33 @@ class RunLogs:
             row = self.matrix[i, : i + 1]
             if not np.isnan(row).any():
                 out[i] = float(row.mean())
+        return out
+
+    @property
+    def is_fscil(self) -> bool:
+        """A few-shot class-incremental run (``k_shot`` in its ``run_info.csv``): experience 0 is the base session."""
+        return bool(self.info.get("k_shot", "").strip())
+
+    def session_accuracy(self) -> Dict[str, np.ndarray]:
+        """After each session *i* (FSCIL papers' figures): ``all``, the accuracy on every test image of the classes
+        seen so far (the test experiences ``0..i`` pooled, weighted by their sizes); ``base``, on the base
+        session's classes (experience 0); ``novel``, on the classes of sessions ``1..i`` pooled (NaN after the
+        base session). NaN where the run was not evaluated (Joint before the end). Needs ``test_sizes`` in
+        ``run_info.csv``."""
+        sizes = np.array([float(v) for v in self.info.get("test_sizes", "").split()])
+        n = self.matrix.shape[1]
+        if len(sizes) != n:
+            raise ReportError(f"run {self.strategy}/seed{self.seed}: run_info.csv's test_sizes="
+                              f"{self.info.get('test_sizes', '')!r} does not give {n} test experience sizes")
+        out = {k: np.full(self.matrix.shape[0], np.nan) for k in ("all", "base", "novel")}
+        for i in range(self.matrix.shape[0]):
+            row, w = self.matrix[i, : i + 1], sizes[: i + 1]
+            if np.isnan(row).any():
+                continue
+            out["all"][i] = float((row * w).sum() / w.sum())
+            out["base"][i] = float(row[0])
+            if i > 0:
+                out["novel"][i] = float((row[1:] * w[1:]).sum() / w[1:].sum())
         return out
 
     def _last_row(self) -> int:
@@ -399,6 +426,71 @@ def _plots(runs: Dict[str, List[RunLogs]], out: str, rows: Sequence[Dict[str, ob
     return written
 
 
+def session_rows(runs: Dict[str, List[RunLogs]]) -> List[Dict[str, object]]:
+    """FSCIL runs: one row per (strategy, session) with the mean and std over seeds of
+    :meth:`RunLogs.session_accuracy` (``all``, ``base``, ``novel``); [] when no run is FSCIL."""
+    rows = []
+    for strategy, rs in runs.items():
+        rs = [r for r in rs if r.is_fscil]
+        if not rs:
+            continue
+        curves = [r.session_accuracy() for r in rs]
+        for i in range(min(len(c["all"]) for c in curves)):
+            if all(np.isnan(c["all"][i]) for c in curves):
+                continue
+            row: Dict[str, object] = {"strategy": strategy, "session": i, "seeds": " ".join(str(r.seed) for r in rs)}
+            for key in ("all", "base", "novel"):
+                values = [c[key][i] for c in curves]
+                mean, std = (math.nan, math.nan) if any(np.isnan(values)) else _mean_std(values)
+                row[f"{key}_mean"], row[f"{key}_std"] = round(mean, 4), round(std, 4)
+            rows.append(row)
+    return rows
+
+
+def plot_sessions(rows: Sequence[Dict[str, object]], path: str) -> None:
+    """FSCIL: accuracy on all seen, base and novel classes after each session, one panel each (``path``, PNG)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
+    for ax, key, title in zip(axes, ("all", "base", "novel"),
+                              ("all classes seen so far", "base-session classes", "novel classes (sessions 1..i)")):
+        for strategy in dict.fromkeys(str(r["strategy"]) for r in rows):
+            pts = [(int(r["session"]), float(r[f"{key}_mean"])) for r in rows
+                   if r["strategy"] == strategy and not math.isnan(float(r[f"{key}_mean"]))]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="s" if is_joint(strategy) else "o", ls="--" if is_joint(strategy) else "-",
+                    label=strategy, color=_color(strategy))
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("session (0: base)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def _session_lines(rows: Sequence[Dict[str, object]]) -> List[str]:
+    def cell(r, key):
+        v = float(r[f"{key}_mean"])
+        return "" if math.isnan(v) else f"{v:.3f}"
+
+    sessions = sorted({int(r["session"]) for r in rows})
+    lines = ["## Few-shot sessions", "",
+             "Accuracy after each session on every test image of the classes seen so far (all), on the base "
+             "session's classes (base) and on the novel classes of sessions 1..i pooled (novel); means over seeds "
+             "(`sessions.csv`, `sessions.png`). Joint is evaluated once, after learning everything.", "",
+             "| strategy | " + " | ".join(f"session {i} all / base / novel" for i in sessions) + " |",
+             "|---|" + "---|" * len(sessions)]
+    for strategy in dict.fromkeys(str(r["strategy"]) for r in rows):
+        by = {int(r["session"]): r for r in rows if r["strategy"] == strategy}
+        cells = [(" / ".join(filter(None, (cell(by[i], k) for k in ("all", "base", "novel")))) if i in by else "")
+                 for i in sessions]
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def build_report(folder: str, title: Optional[str] = None) -> List[Dict[str, object]]:
     """Write ``summary.csv``, the plots and ``report.md`` in ``folder`` from its runs' CSV files."""
     runs = find_runs(folder)
@@ -449,6 +541,12 @@ def build_report(folder: str, title: Optional[str] = None) -> List[Dict[str, obj
                   "the target is missed by (means over seeds; `targets.csv`).", ""]
     elif os.path.exists(os.path.join(folder, "targets.csv")):
         os.remove(os.path.join(folder, "targets.csv"))
+    sessions = session_rows(runs)
+    if sessions:
+        atomic_write_csv(os.path.join(folder, "sessions.csv"), sessions)
+        plot_sessions(sessions, os.path.join(folder, "sessions.png"))
+        plots.append("sessions.png")
+        lines += _session_lines(sessions)
     notes = os.path.join(folder, NOTES)
     if os.path.isfile(notes):
         lines += [f"## Notes (written by hand in `{NOTES}`, not rebuilt from the CSVs)", "",
@@ -478,9 +576,9 @@ INDEX_END = "<!-- comparison table: end -->"
 
 def comparison_rows(root: str) -> List[Dict[str, object]]:
     """Every ``<root>/<benchmark>/summary.csv`` written by :func:`build_report`, as one list of rows with a
-    ``benchmark`` column (the four public benchmarks in their usual order, then other folders by name; other
+    ``benchmark`` column (the public benchmarks in their usual order, split then FSCIL, then other folders by name; other
     summaries are skipped)."""
-    order = SPLIT_BENCHMARKS
+    order = SPLIT_BENCHMARKS + FSCIL_BENCHMARKS
     rows: List[Dict[str, object]] = []
     for name in sorted(os.listdir(root), key=lambda n: (order.index(n) if n in order else len(order), n)):
         path = os.path.join(root, name, "summary.csv")

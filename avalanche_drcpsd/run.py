@@ -59,6 +59,9 @@ class ExperimentConfig:
     strategy: str = "drcpsd"
     classifier: str = "small_cnn"
     train_epochs: int = 2
+    #: epochs of every experience after the first (None: ``train_epochs``). Few-shot sessions (the FSCIL
+    #: benchmarks: 5 images per class) need many more passes than the base session: 25 images are one minibatch.
+    later_epochs: Optional[int] = None
     train_mb_size: int = 64
     eval_mb_size: int = 1000
     lr: float = 0.05
@@ -96,6 +99,9 @@ class ExperimentConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}={_short(v)} must be an integer >= 1")
+        if self.later_epochs is not None and (isinstance(self.later_epochs, bool)
+                                              or not isinstance(self.later_epochs, int) or self.later_epochs < 1):
+            raise ConfigError(f"later_epochs={_short(self.later_epochs)} must be an integer >= 1 or null")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
             raise ConfigError(f"seed={_short(self.seed)} must be an integer in [0, 2**32)")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
@@ -105,7 +111,7 @@ class ExperimentConfig:
             raise ConfigError(f"lr={_short(self.lr)} must be a finite number > 0")
         if not _finite(self.momentum) or not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum={_short(self.momentum)} must be a number in [0, 1)")
-        _check_benchmark_args(self.benchmark_args)
+        _check_benchmark_args(self.benchmark, self.benchmark_args)
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "ExperimentConfig":
@@ -128,9 +134,6 @@ class ExperimentConfig:
 #: names accepted by :func:`avalanche_drcpsd.data.make_benchmark` and :func:`avalanche_drcpsd.models.make_classifier`
 BENCHMARK_NAMES = BENCHMARKS
 CLASSIFIERS = ("small_cnn", "resnet18")
-#: ``benchmark_args`` keys (the builders' options; ``seed`` is the experiment's own)
-BENCHMARK_ARGS = ("n_experiences", "train_per_class", "test_per_class", "class_order", "verify", "cache_dir",
-                  "use_cache")
 
 
 def _short(value: Any) -> str:
@@ -149,17 +152,25 @@ def _finite(value: Any) -> bool:
         return False
 
 
-def _check_benchmark_args(args: Any) -> None:
+def _check_benchmark_args(benchmark: str, args: Any) -> None:
+    """The keys the benchmark's builder takes (:func:`avalanche_drcpsd.data.benchmark_options`), typed."""
+    from .data import benchmark_options
+
     if not isinstance(args, dict):
         raise ConfigError(f"benchmark_args={_short(args)} must be a JSON object")
-    unknown = sorted((k for k in args if k not in BENCHMARK_ARGS), key=repr)
+    allowed = benchmark_options(benchmark)
+    unknown = sorted((k for k in args if k not in allowed), key=repr)
     if unknown:
-        raise ConfigError(f"benchmark_args has unknown key(s) {unknown}; expected some of {list(BENCHMARK_ARGS)} "
-                          "(the seed is the experiment's 'seed')")
-    for key in ("n_experiences", "train_per_class", "test_per_class"):
+        raise ConfigError(f"benchmark_args has unknown key(s) {unknown} for benchmark {benchmark!r}; expected some "
+                          f"of {list(allowed)} (the seed is the experiment's 'seed')")
+    for key in ("n_experiences", "train_per_class", "test_per_class", "base_classes", "n_way", "k_shot",
+                "base_per_class"):
         v = args.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ConfigError(f"benchmark_args['{key}']={_short(v)} must be an integer >= 1")
+    v = args.get("sessions")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        raise ConfigError(f"benchmark_args['sessions']={_short(v)} must be an integer >= 0")
     order = args.get("class_order")
     if order is not None and (not isinstance(order, list)
                               or not all(isinstance(c, int) and not isinstance(c, bool) for c in order)
@@ -335,6 +346,8 @@ def run_experiment(exp: ExperimentConfig, out_dir: str, *, verbose: bool = True,
         for e in ([step] if not is_joint(exp.strategy) else list(step)):
             check_experience_data(e.dataset, image_shape=spec.image_shape,
                                   num_classes=min(spec.num_classes, num_outputs), experience=e.current_experience)
+        if not is_joint(exp.strategy) and exp.later_epochs is not None:
+            strategy.train_epochs = exp.train_epochs if index == 0 else exp.later_epochs
         try:
             if checkpointer is not None:
                 checkpointer.index = index
@@ -379,6 +392,9 @@ def run_experiment(exp: ExperimentConfig, out_dir: str, *, verbose: bool = True,
     info = {k: summary[k] for k in ("benchmark", "strategy", "seed", "final_average_accuracy", "wall_time_s",
                                     "stored_real_images", "generator_parameters")}
     info.update({k: v for k, v in summary.items() if k.startswith("memory_")})
+    # what the report needs to pool test experiences (FSCIL: accuracy on all seen, base and novel classes)
+    info["test_sizes"] = " ".join(str(len(e.dataset)) for e in benchmark.test_stream)
+    info["k_shot"] = "" if spec.k_shot is None else spec.k_shot
     _write_key_values(os.path.join(log_dir, RUN_INFO), info)
     _write_json(summary_path, summary)
     for logger in loggers:
@@ -542,7 +558,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="drcpsd-run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="experiment JSON: run that one experiment (default: the built-in main job "
                                          "on the embedded data)")
-    parser.add_argument("--benchmark", help="override: default, split_mnist, split_fmnist, split_cifar10, split_gtsrb")
+    parser.add_argument("--benchmark", help=f"override: one of {', '.join(BENCHMARK_NAMES)}")
     parser.add_argument("--data-root", help="override: folder with the data sets (e.g. data/ with MNIST/raw/*.gz)")
     parser.add_argument("--strategy", choices=STRATEGIES, help="override the strategy (one run, not the main job)")
     parser.add_argument("--strategies", help="the main job's strategies, comma-separated, in the order they run "

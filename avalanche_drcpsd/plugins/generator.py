@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from ..augment import jpeg_round_trip, reference_cpsd_augment
 from ..captions import caption_prompts, check_captions, load_captions
 from ..config import DRCPSDConfig, check_device
-from ..cpsd import EmbeddingBuffer, train_cpsd_projection
+from ..cpsd import EmbeddingBuffer, cpsd_steps, train_cpsd_projection
 from ..generator import DiffusionGenerator, draw_guidance_scales
 from ..input_space import InputSpace
 from ..losses import generative_distillation_loss, ldm_loss
@@ -430,14 +430,14 @@ class CPSDGeneratorPlugin(StatefulPlugin):
                 imgs = images[labels == cls]
                 if c.cpsd_max_images_per_class is not None:
                     imgs = imgs[torch.randperm(len(imgs), generator=self.rng)[:c.cpsd_max_images_per_class]]
-                steps = c.cpsd_epochs * -(-len(imgs) // c.cpsd_batch_size)
+                steps = cpsd_steps(len(imgs), c.cpsd_epochs, c.cpsd_batch_size, c.cpsd_min_steps)
                 prompts = caption_prompts(self.prompt(cls), self.captions[cls]) if cls in self.captions else None
                 caption_tok = self.text_encoder.encode(prompts) if prompts else None
                 with tqdm(total=steps, desc=f"exp {self._exp} CPSD class {cls}", disable=not self.verbose,
                           leave=False) as bar:
                     proj = train_cpsd_projection(
                         self.generator, tok if caption_tok is None else caption_tok, imgs, mode=c.projection,
-                        epochs=c.cpsd_epochs,
+                        epochs=c.cpsd_epochs, min_steps=c.cpsd_min_steps,
                         batch_size=c.cpsd_batch_size, lr=c.cpsd_lr, weight_decay=c.cpsd_weight_decay,
                         augment=reference_cpsd_augment if c.cpsd_augment == "reference" else None,
                         snr_gamma=c.snr_gamma, lam=c.lambda_mmd,
