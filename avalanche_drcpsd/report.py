@@ -121,16 +121,21 @@ class RunLogs:
         """After each session *i* (FSCIL papers' figures): ``all``, the accuracy on every test image of the classes
         seen so far (the test experiences ``0..i`` pooled, weighted by their sizes); ``base``, on the base
         session's classes (experience 0); ``novel``, on the classes of sessions ``1..i`` pooled (NaN after the
-        base session). NaN where the run was not evaluated (Joint before the end). Needs ``test_sizes`` in
+        base session). NaN where the run was not evaluated (Joint: its one evaluation counts as after the last
+        session). Needs ``test_sizes`` in
         ``run_info.csv``."""
         sizes = np.array([float(v) for v in self.info.get("test_sizes", "").split()])
         n = self.matrix.shape[1]
         if len(sizes) != n:
             raise ReportError(f"run {self.strategy}/seed{self.seed}: run_info.csv's test_sizes="
                               f"{self.info.get('test_sizes', '')!r} does not give {n} test experience sizes")
-        out = {k: np.full(self.matrix.shape[0], np.nan) for k in ("all", "base", "novel")}
-        for i in range(self.matrix.shape[0]):
-            row, w = self.matrix[i, : i + 1], sizes[: i + 1]
+        matrix = self.matrix
+        if is_joint(self.strategy):  # one evaluation, after learning every session at once: the last session's
+            matrix = np.full_like(self.matrix, np.nan)
+            matrix[n - 1] = self.matrix[self._last_row()]
+        out = {k: np.full(n, np.nan) for k in ("all", "base", "novel")}
+        for i in range(n):
+            row, w = matrix[i, : i + 1], sizes[: i + 1]
             if np.isnan(row).any():
                 continue
             out["all"][i] = float((row * w).sum() / w.sum())

@@ -25,10 +25,14 @@ def tiny_config(**overrides) -> DRCPSDConfig:
     return DRCPSDConfig(**values)
 
 
+# Under pytest-xdist (``-n 2``, what CI runs) each worker owns one of the 2 cores: one intra-op thread apiece.
+TEST_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
 
 
 @pytest.fixture

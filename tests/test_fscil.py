@@ -170,6 +170,11 @@ def test_session_accuracy_pools_seen_base_and_novel_classes():
     assert acc["novel"][2] == pytest.approx((0.4 * 20 + 0.6 * 30) / 50)
     assert acc["base"].tolist() == [0.9, 0.8, 0.7] and np.isnan(acc["novel"][0])
     assert not RunLogs("naive", 0, matrix, [], info={"k_shot": ""}).is_fscil
+    once = np.full((3, 3), np.nan)
+    once[0] = [0.9, 0.2, 0.4]  # Joint: one evaluation (logged as training experience 0), after every session
+    joint = RunLogs("joint", 0, once, [], info={"k_shot": "5", "test_sizes": "100 20 30"}).session_accuracy()
+    assert np.isnan(joint["all"][:2]).all() and joint["base"][2] == 0.9
+    assert joint["novel"][2] == pytest.approx((0.2 * 20 + 0.4 * 30) / 50)
     bad = RunLogs("naive", 0, matrix, [], info={"k_shot": "5", "test_sizes": "100 20"})
     with pytest.raises(ValueError, match="test_sizes='100 20'"):
         bad.session_accuracy()
