@@ -192,8 +192,8 @@ def default_experiment() -> ExperimentConfig:
     steps of batch 32 for the first experience (a generator from scratch: 300 steps of batch 64 left one of its two
     classes at CAS 0) and 300 for each later one (it starts from a trained generator); batch 32 instead of 64 costs
     0.6x a step and gave the same replay accuracy (0.851 against 0.860, 3 seeds each,
-    ``results/generator/README.md``). With an EMA of its weights (decay up to
-    0.999); each class's 100 replay images are drawn once, right after the class is learned, and kept
+    ``results/generator/README.md``). It keeps an EMA of its weights (decay up to
+    0.999). Each class's 100 replay images are drawn once, right after the class is learned, and kept
     (``replay_draw="once"``): the replay of an old class no longer depends on the generator remembering it, so
     generative distillation is off (weight 0: no teacher, whole batches of real images). A smaller UNet
     (16, 32, 32) was 2.9x cheaper per step but drew grid-patterned digits (``results/generator/README.md``).
