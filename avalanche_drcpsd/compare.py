@@ -74,7 +74,7 @@ def ensure_feature_extractor(exp: ExperimentConfig, directory: str) -> str:
     return train_feature_extractor(torch.cat(xs), torch.cat(ys), directory, num_classes=benchmark.spec.num_classes)
 
 
-def _csv_list(text: str, kind, allowed: Optional[Sequence] = None) -> List:
+def csv_list(text: str, kind, allowed: Optional[Sequence] = None) -> List:
     try:
         items = [kind(s.strip()) for s in text.split(",") if s.strip()]
     except ValueError:
@@ -271,9 +271,9 @@ def _run_on_ray(ray, todo: Sequence[GridRun], address: Optional[str], max_retrie
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="drcpsd-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmarks", default="split_mnist",
-                        type=lambda s: _csv_list(s, str, BENCHMARKS), help=f"subset of {','.join(BENCHMARKS)}")
+                        type=lambda s: csv_list(s, str, BENCHMARKS), help=f"subset of {','.join(BENCHMARKS)}")
     parser.add_argument("--strategies", default="all", help="'all' or a comma-separated subset")
-    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), type=lambda s: _csv_list(s, int))
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), type=lambda s: csv_list(s, int))
     parser.add_argument("--profile", default="cpu", choices=("cpu", "gpu"))
     parser.add_argument("--data-root", default=None, help="override the profile's data root")
     parser.add_argument("--experiments", default="experiments", help="folder of <benchmark>_<profile>.json")

@@ -21,58 +21,51 @@ import os
 import shutil
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
-from avalanche_drcpsd.compare import profile_config, run_comparison
+from avalanche_drcpsd.baselines import BASELINES, names
+from avalanche_drcpsd.compare import EXECUTORS, GridResult, csv_list, profile_config, run_comparison
 from avalanche_drcpsd.utils import atomic_write_csv
 
-BASELINES = "naive,joint,er200,er500,gdumb,lwf,genreplay,rehearsal_kd"
 FIELDS = ["benchmark", "executor", "workers", "runs", "wall_s", "speedup_vs_local", "rows_agree", "failed"]
 
 
-def _eval_files(out: str) -> Dict[str, str]:
-    """``<benchmark>/runs/<strategy>/seed<k>`` -> its eval_results.csv, for every finished run under ``out``."""
-    found = {}
-    for root, _dirs, files in os.walk(out):
-        if "eval_results.csv" in files and os.path.basename(root) == "logs":
-            found[os.path.relpath(os.path.dirname(root), out)] = os.path.join(root, "eval_results.csv")
-    return found
+def _eval_files(results: Sequence[GridResult], out: str) -> Dict[str, str]:
+    """``<benchmark>/runs/<strategy>/seed<k>`` -> its eval_results.csv, for every run of the grid that finished."""
+    return {os.path.relpath(r.run.run_dir, out): os.path.join(r.run.run_dir, "logs", "eval_results.csv")
+            for r in results if r.status != "failed"}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmark", default="split_mnist")
-    parser.add_argument("--strategies", default=BASELINES)
-    parser.add_argument("--seeds", default="42,69,1714")
+    parser.add_argument("--strategies", default=",".join(BASELINES), help="a comma-separated subset, or 'all'")
+    parser.add_argument("--seeds", default="42,69,1714", type=lambda s: csv_list(s, int))
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--experiments", default="experiments",
                         help="the folder of <benchmark>_<profile>.json files")
     parser.add_argument("--data-root", default="../shared/data")
-    parser.add_argument("--executors", default="local,ray", help="comma-separated: local, ray")
+    parser.add_argument("--executors", default="local,ray", type=lambda s: csv_list(s, str, EXECUTORS),
+                        help=f"a comma-separated subset of {','.join(EXECUTORS)}")
     parser.add_argument("--out", required=True, help="a scratch folder; <out>/<executor>/ is emptied first")
     parser.add_argument("--csv", default="results/ray_grid_time.csv")
     args = parser.parse_args(argv)
 
-    executors = [e.strip() for e in args.executors.split(",") if e.strip()]
-    bad = [e for e in executors if e not in ("local", "ray")]
-    if bad or not executors:
-        parser.error(f"--executors {args.executors!r}: expected a comma-separated list of local, ray")
     try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 42,69,1714")
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+        strategies = names(args.strategies)
+    except ValueError as exc:
+        parser.error(f"--strategies: {exc}")
     config = profile_config(args.benchmark, args.profile, args.data_root, experiments=args.experiments, threads=1)
 
     rows: List[Dict[str, object]] = []
     files: Dict[str, Dict[str, str]] = {}
-    for executor in executors:
+    for executor in args.executors:
         out = os.path.join(args.out, executor)
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
-        results = run_comparison({args.benchmark: config}, strategies, seeds, out, executor=executor, fid=False)
+        results = run_comparison({args.benchmark: config}, strategies, args.seeds, out, executor=executor, fid=False)
         wall = time.perf_counter() - start
-        files[executor] = _eval_files(out)
+        files[executor] = _eval_files(results, out)
         workers = 1 if executor == "local" else os.cpu_count()
         failed = sum(r.status == "failed" for r in results)
         rows.append({"benchmark": args.benchmark, "executor": executor, "workers": workers, "runs": len(results),
