@@ -15,6 +15,12 @@ next experience would use (every class seen so far) is drawn and measured:
   (trained once on its whole training set, as ``drcpsd-compare`` does);
 * the wall time of each phase (generator, CPSD, generation), from the plugin's phase timer.
 
+``--draw NAME:FIELD=JSON`` adds alternative replay sets drawn from the same generator with other sampling
+settings (guidance scale, sampler steps, images per class), each class once right after it is learned, as
+``replay_draw="once"`` keeps them; each is measured like the variant's own set and written as
+``<variant>@NAME``. One training run then screens the sampling settings: the generator's training never reads
+its kept sets (with ``generator_distill_weight=0``, the CPU profiles' setting).
+
 ``--iid`` is the bound without forgetting: one experience holding every class, with the generator steps of all
 experiences together (the same budget).
 
@@ -34,7 +40,7 @@ import os
 import shlex
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import matplotlib
 
@@ -44,6 +50,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from avalanche_drcpsd.compare import ensure_feature_extractor, profile_config  # noqa: E402
+from avalanche_drcpsd.config import DRCPSDConfig  # noqa: E402
 from avalanche_drcpsd.data import make_benchmark  # noqa: E402
 from avalanche_drcpsd.fidelity import classification_accuracy_score, fid_kid  # noqa: E402
 from avalanche_drcpsd.plugins.generator import CPSDGeneratorPlugin  # noqa: E402
@@ -54,6 +61,9 @@ from avalanche_drcpsd.utils import atomic_write, atomic_write_csv, atomic_write_
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS_FILE = os.path.join(HERE, "generator_variants.json")
 GENERATOR_PHASES = ("generator", "cpsd", "generation")
+#: the DRCPSDConfig fields a ``--draw`` alternative may change: how the kept sets are sampled, not how the
+#: generator is trained
+DRAW_FIELDS = ("guidance_scale", "guidance_draw", "sampling_steps", "sampler", "n_replay_per_class")
 ABLATION_COLUMNS = ("benchmark", "variant", "iid", "experiences", "final_mean_cas", "min_cas", "min_cas_class",
                     "fid", "kid", "generator_seconds", "threads", "overrides")
 
@@ -74,7 +84,11 @@ def _streams(benchmark, iid: bool):
 
 def run_variant(benchmark_name: str, variant: str, overrides: Dict[str, Any], *, profile: str, data_root: str,
                 out: str, iid: bool, threads: int, cas_epochs: int, seed: int, verbose: bool = True,
-                experiences: int = 0) -> Dict[str, Any]:
+                experiences: int = 0, draws: Optional[Dict[str, Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+    """Train the generator over the experiences and measure the replay set after each; with ``draws``
+    (alternative name -> sampling fields of ``DRCPSDConfig``) also a kept set per alternative, each class drawn
+    once right after it is learned with those fields. One ablation row per set."""
+    draws = draws or {}
     if benchmark_name == "default":  # the main job's embedded data and its DR-CPSD settings
         exp = default_experiment()
     else:
@@ -92,6 +106,10 @@ def run_variant(benchmark_name: str, variant: str, overrides: Dict[str, Any], *,
     os.makedirs(folder, exist_ok=True)
     rows: List[Dict[str, Any]] = []
     seen: List[int] = []
+    # --draw alternatives: each class drawn once right after it is learned, with the alternative's sampling
+    # settings, from the same generator (the generator's training never reads these sets)
+    alt_kept: Dict[str, Dict[int, torch.Tensor]] = {a: {} for a in draws}
+    alt_rows: Dict[str, List[Dict[str, Any]]] = {a: [] for a in draws}
     for e, (x, y) in enumerate(train):
         if e > 0:
             plugin.begin_experience(e)  # the replay set was drawn while measuring (below): this keeps it
@@ -101,22 +119,61 @@ def run_variant(benchmark_name: str, variant: str, overrides: Dict[str, Any], *,
         plugin.begin_experience(e + 1)  # the next experience's generation phase: the replay set of every seen class
         xs, ys = plugin.replay_set
         learn_s = time.perf_counter() - t0
-        cas = classification_accuracy_score(xs, ys, x_test, y_test, epochs=cas_epochs, seed=seed)
-        real = x_test[torch.isin(y_test, torch.tensor(seen))]
-        fk = fid_kid(real, xs, extractor)
         phase = {p: plugin.timer.seconds.get((e, p), 0.0) for p in ("generator", "cpsd")}
         phase["generation"] = plugin.timer.seconds.get((e + 1, "generation"), 0.0)
-        for k in seen:
-            rows.append({"benchmark": benchmark_name, "variant": name, "experience": e, "class": k,
-                         "cas": round(cas[k], 4), "fid": round(fk["fid"], 3), "kid": round(fk["kid_mean"], 5),
-                         **{f"{p}_s": round(v, 1) for p, v in phase.items()}, "wall_s": round(learn_s, 1)})
-        atomic_write_csv(os.path.join(folder, f"{name}.partial.csv"), rows)
-        grid = _image_grid(xs, ys, per_class=8)
-        atomic_write(os.path.join(folder, f"{name}_samples_exp{e}.png"), lambda tmp: grid.save(tmp, format="PNG"))
-        mean = sum(cas.values()) / len(cas)
-        print(f"[{name}] exp {e}: mean CAS {mean:.3f}, min {min(cas.values()):.3f}, FID {fk['fid']:.1f}, "
-              + ", ".join(f"{p} {v:.0f}s" for p, v in phase.items()), flush=True)
-    # the last replay set (8-bit, as the synthetic cache keeps it): the input of benchmarks/replay_quality.py
+        _measure(rows, name, e, seen, xs, ys, x_test, y_test, extractor, phase, learn_s, folder,
+                 benchmark_name=benchmark_name, cas_epochs=cas_epochs, seed=seed)
+        base_config = plugin.config
+        for alt, fields in draws.items():
+            new = [k for k in seen if k not in alt_kept[alt]]
+            plugin.config = base_config.replace(**fields)
+            t1 = time.perf_counter()
+            xa, ya = plugin.sample(new, plugin.config.n_replay_per_class, desc=f"{alt} draw")
+            draw_s = time.perf_counter() - t1
+            plugin.config = base_config
+            for k in new:
+                alt_kept[alt][k] = to_uint8(xa[ya == k])
+            xa, ya = _kept_pixels(alt_kept[alt], seen)
+            _measure(alt_rows[alt], f"{name}@{alt}", e, seen, xa, ya, x_test, y_test, extractor,
+                     {**phase, "generation": draw_s}, learn_s, folder,
+                     benchmark_name=benchmark_name, cas_epochs=cas_epochs, seed=seed)
+    summaries = [_finish(folder, name, rows, xs, ys, benchmark_name, seed, config, iid=iid, threads=threads,
+                         overrides=overrides)]
+    for alt, fields in draws.items():
+        summaries.append(_finish(folder, f"{name}@{alt}", alt_rows[alt], *_kept_pixels(alt_kept[alt], seen),
+                                 benchmark_name, seed, config.replace(**fields), iid=iid, threads=threads,
+                                 overrides={**overrides, **fields}))
+    return summaries
+
+
+def _kept_pixels(kept: Dict[int, torch.Tensor], seen: List[int]):
+    """The kept 8-bit sets of ``seen`` as ``(pixels in [0, 1], labels)``."""
+    return (torch.cat([kept[k].float() / 255 for k in seen]),
+            torch.cat([torch.full((len(kept[k]),), k, dtype=torch.long) for k in seen]))
+
+
+def _measure(rows, name, e, seen, xs, ys, x_test, y_test, extractor, phase, learn_s, folder, *, benchmark_name,
+             cas_epochs, seed) -> None:
+    """CAS per class and FID/KID of the replay set ``xs, ys`` after experience ``e``: appends one row per seen
+    class to ``rows``, rewrites ``<name>.partial.csv`` and draws the sample grid."""
+    cas = classification_accuracy_score(xs, ys, x_test, y_test, epochs=cas_epochs, seed=seed)
+    real = x_test[torch.isin(y_test, torch.tensor(seen))]
+    fk = fid_kid(real, xs, extractor)
+    for k in seen:
+        rows.append({"benchmark": benchmark_name, "variant": name, "experience": e, "class": k,
+                     "cas": round(cas[k], 4), "fid": round(fk["fid"], 3), "kid": round(fk["kid_mean"], 5),
+                     **{f"{p}_s": round(v, 1) for p, v in phase.items()}, "wall_s": round(learn_s, 1)})
+    atomic_write_csv(os.path.join(folder, f"{name}.partial.csv"), rows)
+    grid = _image_grid(xs, ys, per_class=8)
+    atomic_write(os.path.join(folder, f"{name}_samples_exp{e}.png"), lambda tmp: grid.save(tmp, format="PNG"))
+    mean = sum(cas.values()) / len(cas)
+    print(f"[{name}] exp {e}: mean CAS {mean:.3f}, min {min(cas.values()):.3f}, FID {fk['fid']:.1f}, "
+          + ", ".join(f"{p} {v:.0f}s" for p, v in phase.items()), flush=True)
+
+
+def _finish(folder, name, rows, xs, ys, benchmark_name, seed, config, *, iid, threads, overrides) -> Dict[str, Any]:
+    """The last replay set (8-bit, as the synthetic cache keeps it: the input of benchmarks/replay_quality.py),
+    the finished CSV, the heat map; returns the ablation row."""
     sets = {"images": to_uint8(xs), "labels": ys,
             "benchmark": benchmark_name, "variant": name, "seed": seed, "config": config.to_dict()}
     atomic_write(os.path.join(folder, f"{name}_sets.pt"), lambda tmp: torch.save(sets, tmp))
@@ -195,6 +252,27 @@ def parse_sets(parser: argparse.ArgumentParser, items: List[str], *, example: st
     return extra
 
 
+def parse_draws(parser: argparse.ArgumentParser, items: List[str]) -> Dict[str, Dict[str, Any]]:
+    """``--draw NAME:FIELD=JSON[;FIELD=JSON]`` options as ``{name: fields}``, each field one of
+    :data:`DRAW_FIELDS` with a value ``DRCPSDConfig`` accepts (a parser error names the bad item)."""
+    draws: Dict[str, Dict[str, Any]] = {}
+    for item in items:
+        name, _, spec = item.partition(":")
+        if not name or not spec or not name.replace("_", "").replace(".", "").isalnum() or name in draws:
+            parser.error(f"--draw {item!r}: expected a new NAME (letters, digits, '_', '.') then ':FIELD=JSON', "
+                         "e.g. g5:guidance_scale=5")
+        fields = parse_sets(parser, spec.split(";"), example="g5:guidance_scale=5")
+        bad = sorted(set(fields) - set(DRAW_FIELDS))
+        if bad:
+            parser.error(f"--draw {item!r}: {bad} is not a sampling setting; expected some of {list(DRAW_FIELDS)}")
+        try:
+            DRCPSDConfig().replace(**fields)
+        except ValueError as exc:
+            parser.error(f"--draw {item!r}: {exc}")
+        draws[name] = fields
+    return draws
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmark", default="split_mnist",
@@ -211,6 +289,10 @@ def main(argv=None) -> int:
     parser.add_argument("--experiences", type=int, default=0,
                         help="only the first N experiences (a screen of one learning phase; 0: all)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--draw", action="append", default=[], metavar="NAME:FIELD=JSON[;FIELD=JSON]",
+                        help="an alternative replay set drawn from the same generator with other sampling settings "
+                             f"({', '.join(DRAW_FIELDS)}), each class once right after it is learned; measured "
+                             "like the variant's own and written as <variant>@NAME (repeatable)")
     parser.add_argument("--summarise", type=int, metavar="K", default=None,
                         help="train nothing: upsert the ablation rows of every variant CSV of --benchmark (finished or "
                              "partial) after K experiences (0: after each one's last)")
@@ -219,6 +301,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     variants = load_variants()
     extra = parse_sets(parser, args.set, example="generator_steps=300")
+    draws = parse_draws(parser, args.draw)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in variants]
     if unknown:
@@ -234,18 +317,19 @@ def main(argv=None) -> int:
         atomic_write_text(log, "\n".join(lines + [command]) + "\n")
     for v in names:
         overrides = {**variants[v], **extra}
-        label = v + "".join(f"+{item}" for item in sorted(args.set)) + (f"_first{args.experiences}"
-                                                                        if args.experiences else "")
+        label = (v + "".join(f"+{item}" for item in sorted(args.set))
+                 + (f"_first{args.experiences}" if args.experiences else "")
+                 + (f"_seed{args.seed}" if args.seed != 42 else ""))
         target = os.path.join(args.out, args.benchmark, label + ("_iid" if args.iid else "") + ".csv")
         if os.path.isfile(target):
             print(f"[{label}] done already ({target}); delete it to rerun")
             continue
-        row = run_variant(args.benchmark, label, overrides, profile=args.profile, data_root=args.data_root,
-                          out=args.out, iid=args.iid, threads=args.threads, cas_epochs=args.cas_epochs,
-                          seed=args.seed, verbose=not args.quiet, experiences=args.experiences)
-        upsert_ablation(os.path.join(args.out, "ablation.csv"), row)
-        print(f"[{row['variant']}] final mean CAS {row['final_mean_cas']}, min {row['min_cas']} (class "
-              f"{row['min_cas_class']}), FID {row['fid']}, generator {row['generator_seconds']} s", flush=True)
+        for row in run_variant(args.benchmark, label, overrides, profile=args.profile, data_root=args.data_root,
+                               out=args.out, iid=args.iid, threads=args.threads, cas_epochs=args.cas_epochs,
+                               seed=args.seed, verbose=not args.quiet, experiences=args.experiences, draws=draws):
+            upsert_ablation(os.path.join(args.out, "ablation.csv"), row)
+            print(f"[{row['variant']}] final mean CAS {row['final_mean_cas']}, min {row['min_cas']} (class "
+                  f"{row['min_cas_class']}), FID {row['fid']}, generator {row['generator_seconds']} s", flush=True)
     return 0
 
 
