@@ -4,10 +4,10 @@ from .config import ConfigError, DRCPSDConfig
 from .cpsd import CPSDProjection, EmbeddingBuffer
 from .generator import DiffusionGenerator
 from .logging import MetricsCSVLogger
-from .sd import StableDiffusionGenerator, load_generator
-from .synthetic_cache import SyntheticCache
 from .plugins import CPSDGeneratorPlugin, DistillPlugin, DreamReplayPlugin, MMDPlugin, SeenClassMaskPlugin
+from .sd import StableDiffusionGenerator, load_generator
 from .strategy import DRCPSD
+from .synthetic_cache import SyntheticCache
 
 __version__ = "0.1.0"
 

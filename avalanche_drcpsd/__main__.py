@@ -1,7 +1,7 @@
 """``python -m avalanche_drcpsd``: the main job, DR-CPSD then Naive and ER200 on the embedded data with one
-table of the three (or, with ``--config``/``--strategy``, one run; see :mod:`avalanche_drcpsd.run`)."""
+table of the three (or, with ``--config``/``--strategy``, one run; see :mod:`avalanche_drcpsd.experiments.run`)."""
 import sys
 
-from .run import main
+from .experiments.run import main
 
 sys.exit(main())

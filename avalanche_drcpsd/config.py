@@ -75,7 +75,8 @@ CHOICES = {
 #:
 #: Not options here, so still differences (README, the notes under the parameter table): per-image BLIP-2 captions
 #: (no captioning model offline: ``captions_file`` takes captions per class from the user, which CPSD and sampling
-#: use as the original does, :mod:`~avalanche_drcpsd.captions`); the guidance scale drawn once per generation batch (here per image); VAE latents sampled (with Stable
+#: use as the original does, :mod:`~avalanche_drcpsd.captions`); the guidance scale drawn once per generation batch
+#: (here per image); VAE latents sampled (with Stable
 #: Diffusion: ``generator_options={"vae_latent": "sample"}``, which the preset cannot set for the offline
 #: generator); its classifier's own recipe (ResNet-18, SGD lr 0.1 without momentum), which is the
 #: strategy's, not this config's; and its bugs (duplicate file names halve the synthetic set, ``manager.py`` l.
@@ -427,7 +428,8 @@ class DRCPSDConfig:
         g = self.guidance_scale
         if isinstance(g, tuple):
             if len(g) != 2 or not g[0] <= g[1] or g[0] < 0:
-                raise ConfigError(f"guidance_scale={g!r} must be a number >= 0 or a pair (low, high) with 0 <= low <= high")
+                raise ConfigError(f"guidance_scale={g!r} must be a number >= 0 or a pair (low, high) "
+                                  "with 0 <= low <= high")
         else:
             _non_negative("guidance_scale", g)
         if not all(c >= 8 and c % 8 == 0 for c in self.unet_block_out_channels):

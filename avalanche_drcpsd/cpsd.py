@@ -198,9 +198,9 @@ def train_cpsd_projection(
     ``snr(t)`` (e.g. :class:`~avalanche_drcpsd.generator.DiffusionGenerator`); ``tokens`` are the frozen text
     states ``(L, D)`` of the class prompt, or ``(K, L, D)`` of K caption prompts, one drawn (with ``generator``)
     for every image of every batch; ``images`` its real images in [0, 1]; ``augment(batch, generator)``
-    (e.g. :func:`~avalanche_drcpsd.augment.reference_cpsd_augment`) transforms each batch before it is encoded. AdamW with ``lr`` and
-    ``weight_decay`` (the original code: 4e-4 and 0.01). ``epochs`` passes over the reshuffled images, and more
-    until ``min_steps`` optimiser steps are done (:func:`cpsd_steps`). Returns the trained projection.
+    (e.g. :func:`~avalanche_drcpsd.augment.reference_cpsd_augment`) transforms each batch before it is encoded. AdamW
+    with ``lr`` and ``weight_decay`` (the original code: 4e-4 and 0.01). ``epochs`` passes over the reshuffled images,
+    and more until ``min_steps`` optimiser steps are done (:func:`cpsd_steps`). Returns the trained projection.
     """
     if tokens.dim() not in (2, 3):
         raise ValueError(f"tokens of shape {tuple(tokens.shape)}; expected (L, D) or (K, L, D)")

@@ -51,7 +51,8 @@ def find_head(model: nn.Module, name: Optional[str] = None) -> nn.Module:
             return model.get_submodule(name)
         except AttributeError:
             names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-            raise ValueError(f"feature_layer={name!r} is not a submodule of the model; linear layers: {names}") from None
+            raise ValueError(f"feature_layer={name!r} is not a submodule of the model; "
+                             f"linear layers: {names}") from None
     try:
         return get_last_fc_layer(model)[1]
     except ValueError:

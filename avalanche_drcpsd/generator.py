@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from .losses import ldm_loss, snr_from_alphas_cumprod
 from .utils import atomic_write
 
-__all__ = ["GeneratorError", "GeneratorSpec", "Generator", "DiffusionGenerator", "make_sampling_scheduler", "draw_guidance_scales",
-           "guided_denoise"]
+__all__ = ["GeneratorError", "GeneratorSpec", "Generator", "DiffusionGenerator", "make_sampling_scheduler",
+           "draw_guidance_scales", "guided_denoise"]
 
 GuidanceScale = Union[float, Tuple[float, float]]
 
@@ -92,7 +92,8 @@ def guided_denoise(predict_noise: Callable[[Tensor, Tensor, Tensor], Tensor], sc
     return z
 
 
-def make_sampling_scheduler(kind: str, config, *, clip_x0: bool = True) -> Union[DPMSolverMultistepScheduler, DDIMScheduler]:
+def make_sampling_scheduler(kind: str, config, *,
+                            clip_x0: bool = True) -> Union[DPMSolverMultistepScheduler, DDIMScheduler]:
     """A few-step sampler sharing the training scheduler's noise schedule (``kind``: ``dpm`` or ``ddim``).
 
     ``clip_x0``: clip the predicted clean sample to the data range [-1, 1] at every step (pixel space). Near
@@ -347,7 +348,8 @@ class DiffusionGenerator(Generator):
                         torch_dtype: torch.dtype = torch.float32) -> "DiffusionGenerator":
         """Load a directory written by :meth:`save_pretrained` (local files only, safetensors weights)."""
         directory = os.fspath(directory)
-        needed = [cls.config_name, os.path.join("unet", "config.json"), os.path.join("scheduler", "scheduler_config.json")]
+        needed = [cls.config_name, os.path.join("unet", "config.json"),
+                  os.path.join("scheduler", "scheduler_config.json")]
         if not os.path.isdir(directory):
             raise GeneratorError(f"generator directory {directory!r} does not exist; expected a folder written by "
                                  "DiffusionGenerator.save_pretrained")

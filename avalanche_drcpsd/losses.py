@@ -102,7 +102,8 @@ def cpsd_loss(
     return loss + lam * mmd
 
 
-def isolation_loss(logits_syn: Tensor, y_syn: Tensor, logits_real: Tensor, y_real: Tensor, kappa: float = 0.05) -> Tensor:
+def isolation_loss(logits_syn: Tensor, y_syn: Tensor, logits_real: Tensor, y_real: Tensor,
+                   kappa: float = 0.05) -> Tensor:
     r"""Real-synthetic isolation: :math:`\mathcal{L}_{CE} = CE(\hat y^{syn}, \bar y) + \kappa\,CE(\hat y^{real}, y)`."""
     return F.cross_entropy(logits_syn, y_syn) + kappa * F.cross_entropy(logits_real, y_real)
 

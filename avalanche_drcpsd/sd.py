@@ -2,8 +2,9 @@ r"""A frozen pretrained Stable Diffusion as the DR-CPSD generator: the published
 
 DR-CPSD freezes a pretrained Stable Diffusion (VAE, UNet and CLIP text encoder) and learns only one CPSD
 projection per class (``Linear(77, 77)`` over the token positions of the text encoder's states, identity
-initialised, as the paper describes it; ``projection="reference"`` is the original code's reshape form). :class:`StableDiffusionGenerator` loads the three networks from a local
-diffusers pipeline directory (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+initialised, as the paper describes it; ``projection="reference"`` is the original code's reshape form).
+:class:`StableDiffusionGenerator` loads the three networks from a local diffusers pipeline directory
+(``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
 ``scheduler/``), freezes them, and exposes the protocol that
 :func:`~avalanche_drcpsd.cpsd.train_cpsd_projection` and
 :class:`~avalanche_drcpsd.plugins.generator.CPSDGeneratorPlugin` use on the offline
@@ -41,8 +42,15 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
 from .config import SD_OPTION_KEYS
-from .generator import (DiffusionGenerator, Generator, GeneratorError, GuidanceScale, draw_guidance_scales,
-                        guided_denoise, make_sampling_scheduler)
+from .generator import (
+    DiffusionGenerator,
+    Generator,
+    GeneratorError,
+    GuidanceScale,
+    draw_guidance_scales,
+    guided_denoise,
+    make_sampling_scheduler,
+)
 from .utils import atomic_write, freeze
 from .utils import parse_dtype as _parse_dtype  # re-raised as StableDiffusionError below
 
@@ -268,7 +276,8 @@ class StableDiffusionGenerator(Generator):
             self.set_output_shape(output_shape)
         self.prediction_type = noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise StableDiffusionError(f"prediction_type={self.prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+            raise StableDiffusionError(f"prediction_type={self.prediction_type!r}; "
+                                       "expected 'epsilon' or 'v_prediction'")
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self.vae_batch_size = vae_batch_size
@@ -445,7 +454,8 @@ class StableDiffusionGenerator(Generator):
     def encode(self, images: Tensor) -> Tensor:
         r"""Images in [0, 1] ``(B, C, H, W)`` -> float32 latents :math:`s\,(\mu - \text{shift})` on the execution
         device, where :math:`\mu` is the VAE posterior's mean (deterministic; the SD VAE's posterior std is tiny),
-        or a draw from the posterior with ``vae_latent="sample"``, and ``s`` its ``scaling_factor``. Encoded in chunks of ``vae_batch_size``."""
+        or a draw from the posterior with ``vae_latent="sample"``, and ``s`` its ``scaling_factor``. Encoded in chunks
+        of ``vae_batch_size``."""
         x = to_pipeline_images(images, self.resolution)
         vae = self._use(self.vae)
         out = []

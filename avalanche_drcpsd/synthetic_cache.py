@@ -197,7 +197,8 @@ class SyntheticCache:
             try:
                 data = path.read_bytes()
             except OSError as exc:
-                raise CorruptCacheError(f"synthetic cache file {str(path)!r} listed in {str(self.manifest_path(task))!r} "
+                raise CorruptCacheError(f"synthetic cache file {str(path)!r} listed in "
+                                        f"{str(self.manifest_path(task))!r} "
                                         f"cannot be read ({exc.strerror or exc})") from exc
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise CorruptCacheError(f"synthetic cache file {str(path)!r} does not match the SHA-256 in "

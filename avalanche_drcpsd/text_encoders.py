@@ -601,7 +601,8 @@ class OpenCLIPTextEncoder(TextEncoder):
 def _load_hf_clip(
     path: PathLike, subfolder: Optional[str] = None, device: DeviceLike = "cpu", dtype: Any = "float32"
 ) -> TextEncoder:
-    return HFCLIPTextEncoder.from_pretrained(path, subfolder=subfolder, device=device, dtype=parse_dtype(dtype, name="dtype", error=TextEncoderError))
+    return HFCLIPTextEncoder.from_pretrained(path, subfolder=subfolder, device=device,
+                                             dtype=parse_dtype(dtype, name="dtype", error=TextEncoderError))
 
 
 def _load_open_clip(model: str, checkpoint: PathLike, device: DeviceLike = "cpu") -> TextEncoder:

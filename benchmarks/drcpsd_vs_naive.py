@@ -22,9 +22,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from avalanche_drcpsd.run import ExperimentConfig, run_experiment  # noqa: E402
-from avalanche_drcpsd.utils import PHASES  # noqa: E402
-from avalanche_drcpsd.utils import atomic_write, atomic_write_csv, atomic_write_text  # noqa: E402
+from avalanche_drcpsd.experiments.run import ExperimentConfig, run_experiment  # noqa: E402
+from avalanche_drcpsd.utils import (  # noqa: E402
+    PHASES,  # noqa: E402
+    atomic_write,
+    atomic_write_csv,
+    atomic_write_text,
+)
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,7 @@
 """Replay-generation speed: the package's sampling path vs diffusers' own StableDiffusionPipeline call, same weights.
 
-    python benchmarks/generation_speed.py --device cuda --dtype bfloat16 --batch-size 64 --out results/generation_speed.csv
+    python benchmarks/generation_speed.py --device cuda --dtype bfloat16 --batch-size 64 \\
+        --out results/generation_speed.csv
     python benchmarks/generation_speed.py --smoke --device cpu --out /tmp/generation_speed.csv   # a quick CPU check
 
 Models (random weights: speed does not depend on their values), built in this process:

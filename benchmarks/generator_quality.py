@@ -10,7 +10,7 @@ generation of the old classes' replay set, the generator phase, the CPSD phase. 
 next experience would use (every class seen so far) is drawn and measured:
 
 * **CAS** per class (Ravuri & Vinyals, 2019): a small CNN trained on those synthetic images alone, its accuracy
-  on each class's real test images (:func:`avalanche_drcpsd.fidelity.classification_accuracy_score`);
+  on each class's real test images (:func:`avalanche_drcpsd.experiments.fidelity.classification_accuracy_score`);
 * **FID/KID** against the seen classes' real test images, in the features of the benchmark's own extractor
   (trained once on its whole training set, as ``drcpsd-compare`` does);
 * the wall time of each phase (generator, CPSD, generation), from the plugin's phase timer.
@@ -49,12 +49,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from avalanche_drcpsd.compare import ensure_feature_extractor, profile_config  # noqa: E402
 from avalanche_drcpsd.config import DRCPSDConfig  # noqa: E402
 from avalanche_drcpsd.data import make_benchmark  # noqa: E402
-from avalanche_drcpsd.fidelity import classification_accuracy_score, fid_kid  # noqa: E402
+from avalanche_drcpsd.experiments.compare import ensure_feature_extractor, profile_config  # noqa: E402
+from avalanche_drcpsd.experiments.fidelity import classification_accuracy_score, fid_kid  # noqa: E402
+from avalanche_drcpsd.experiments.run import _image_grid, default_experiment  # noqa: E402
 from avalanche_drcpsd.plugins.generator import CPSDGeneratorPlugin  # noqa: E402
-from avalanche_drcpsd.run import _image_grid, default_experiment  # noqa: E402
 from avalanche_drcpsd.synthetic_cache import to_uint8  # noqa: E402
 from avalanche_drcpsd.utils import atomic_write, atomic_write_csv, atomic_write_text, dataset_tensors  # noqa: E402
 
@@ -276,7 +276,8 @@ def parse_draws(parser: argparse.ArgumentParser, items: List[str]) -> Dict[str, 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmark", default="split_mnist",
-                        help="a split benchmark with a profile, or 'default' (the main job's embedded data and settings)")
+                        help="a split benchmark with a profile, or 'default' "
+                             "(the main job's embedded data and settings)")
     parser.add_argument("--variants", default="profile", help="comma-separated names of generator_variants.json")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                         help="an extra DRCPSDConfig field for every variant (the variant is named with it)")

@@ -1,6 +1,7 @@
 """Wall time of one comparison grid, sequential against Ray (issue 17).
 
-    python benchmarks/ray_grid_time.py --data-root ../shared/data --out /work/runs/ray_grid --csv results/ray_grid_time.csv
+    python benchmarks/ray_grid_time.py --data-root ../shared/data --out /work/runs/ray_grid \\
+        --csv results/ray_grid_time.csv
 
 Runs the same grid (by default Split-MNIST's eight baselines x seeds 42, 69, 1714 with the CPU profile's recipe,
 one torch thread a run) twice into two fresh folders: with the ``local`` executor (one run after another in this
@@ -23,8 +24,8 @@ import sys
 import time
 from typing import Dict, List, Sequence
 
-from avalanche_drcpsd.baselines import BASELINES, names
-from avalanche_drcpsd.compare import EXECUTORS, GridResult, csv_list, profile_config, run_comparison
+from avalanche_drcpsd.experiments.baselines import BASELINES, names
+from avalanche_drcpsd.experiments.compare import EXECUTORS, GridResult, csv_list, profile_config, run_comparison
 from avalanche_drcpsd.utils import atomic_write_csv
 
 FIELDS = ["benchmark", "executor", "workers", "runs", "wall_s", "speedup_vs_local", "rows_agree", "failed"]

@@ -1,6 +1,7 @@
 """The classifier side of DR-CPSD alone: dream replay from fixed synthetic sets, in seconds per run.
 
-    python benchmarks/replay_quality.py --sets results/generator/default/profile_sets.pt --variants base,seen --seeds 0,1,2
+    python benchmarks/replay_quality.py --sets results/generator/default/profile_sets.pt --variants base,seen \\
+        --seeds 0,1,2
 
 ``benchmarks/generator_quality.py`` measures the generator and saves the last replay set it drew
 (``<variant>_sets.pt``: 8-bit images of every class, as the synthetic cache keeps them). This benchmark trains the
@@ -32,10 +33,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from avalanche_drcpsd.compare import profile_config
 from avalanche_drcpsd.data import make_benchmark
+from avalanche_drcpsd.experiments.compare import profile_config
+from avalanche_drcpsd.experiments.run import default_experiment
 from avalanche_drcpsd.models import make_classifier
-from avalanche_drcpsd.run import default_experiment
 from avalanche_drcpsd.strategy import DRCPSD
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -146,12 +147,14 @@ def main(argv=None) -> int:
         accs: List[float] = []
         for seed in seeds:
             row = run_one(sets, overrides, seed=seed, data_root=args.data_root)
-            row = {"sets": label, "variant": name, "seed": seed, **row, "overrides": json.dumps(overrides, sort_keys=True)}
+            row = {"sets": label, "variant": name, "seed": seed, **row,
+                   "overrides": json.dumps(overrides, sort_keys=True)}
             append_row(out, row)
             accs.append(row["final_average_accuracy"])
             print(f"[{label} / {name} / seed {seed}] {row['final_average_accuracy']:.3f} {row['per_experience']} "
                   f"replay {row['replay_s']} s", flush=True)
-        print(f"[{label} / {name}] mean {np.mean(accs):.3f} +- {np.std(accs):.3f} over {len(seeds)} seed(s)", flush=True)
+        print(f"[{label} / {name}] mean {np.mean(accs):.3f} +- {np.std(accs):.3f} over {len(seeds)} seed(s)",
+              flush=True)
     return 0
 
 

@@ -1,12 +1,12 @@
-"""The resume tests' fault injection: SIGKILL the process at a named point of a run, through the checkpointer's
-event hooks (``avalanche_drcpsd.checkpoint.EVENT_HOOKS``). Test code: the library holds only the hook list."""
+"""The resume tests' fault injection: SIGKILL the process at a named point of a run, through the checkpointer's event
+hooks (``avalanche_drcpsd.experiments.checkpoint.EVENT_HOOKS``). Test code: the library holds only the hook list."""
 
 import contextlib
 import os
 import signal
 import sys
 
-from avalanche_drcpsd.checkpoint import EVENT_HOOKS, EVENT_WHEN, PHASES
+from avalanche_drcpsd.experiments.checkpoint import EVENT_HOOKS, EVENT_WHEN, PHASES
 
 
 class KillSwitch:

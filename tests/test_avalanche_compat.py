@@ -15,13 +15,12 @@ from avalanche.logging import CSVLogger, TextLogger
 from avalanche.models import IncrementalClassifier, MTSimpleMLP, SimpleCNN, SimpleMLP, SlimResNet18
 from avalanche.training import Naive, Replay
 from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin
+from conftest import TEST_THREADS, tiny_config
 from torch import nn
 
 from avalanche_drcpsd import DRCPSD, CPSDGeneratorPlugin, DistillPlugin, DreamReplayPlugin, MMDPlugin
 from avalanche_drcpsd.models import SmallCNN
 from avalanche_drcpsd.utils import experience_classes
-
-from conftest import TEST_THREADS, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,7 +107,8 @@ def test_drcpsd_on_avalanche_normalised_split_mnist_keeps_old_classes(normalised
     """Avalanche's SplitMNIST with its default Normalize, on a stream made with ``benchmark_from_datasets``:
     DR-CPSD keeps clearly more of the first experience's classes than Naive, and about as much as the same
     seeded run on [0, 1] images (before issue 15 it kept 0.087 against 0.643)."""
-    torch.set_num_threads(TEST_THREADS)  # the slow test of this file: every core it owns (the fixture restores one thread after)
+    # the slow test of this file: every core it owns (the fixture restores one thread after)
+    torch.set_num_threads(TEST_THREADS)
     drcpsd, acc_norm = _behaviour_run(normalised, "drcpsd")
     _, acc_pixels = _behaviour_run(pixels, "drcpsd")
     _, acc_naive = _behaviour_run(normalised, "naive")

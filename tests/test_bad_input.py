@@ -2,15 +2,14 @@
 
 import pytest
 import torch
+from conftest import TINY_ENCODER
 from torch import nn
 
 from avalanche_drcpsd import DRCPSD, ConfigError, DRCPSDConfig
 from avalanche_drcpsd.data import DataError, MissingDataError, make_benchmark
+from avalanche_drcpsd.experiments.run import ExperimentConfig, main
 from avalanche_drcpsd.generator import GeneratorError
-from avalanche_drcpsd.run import ExperimentConfig, main
 from avalanche_drcpsd.text_encoders import TextEncoderError
-
-from conftest import TINY_ENCODER
 
 
 class Boom(nn.Module):

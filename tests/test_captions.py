@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from avalanche_drcpsd import CPSDGeneratorPlugin, DRCPSDConfig, EmbeddingBuffer
 from avalanche_drcpsd.captions import CaptionError, caption_prompts, load_captions
 from avalanche_drcpsd.config import ConfigError
 from avalanche_drcpsd.cpsd import train_cpsd_projection
 from avalanche_drcpsd.utils import dataset_tensors
-
-from conftest import tiny_config
 
 NAMES = ["zero", "one", "two"]
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from avalanche_drcpsd import EmbeddingBuffer
-from avalanche_drcpsd.cli import load_image_folder, sample_main, train_cpsd_main
+from avalanche_drcpsd.experiments.cli import load_image_folder, sample_main, train_cpsd_main
 from avalanche_drcpsd.generator import DiffusionGenerator
 
 pytestmark = pytest.mark.usefixtures("one_thread")

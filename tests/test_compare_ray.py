@@ -7,12 +7,14 @@ import signal
 import sys
 
 import pytest
-
-from avalanche_drcpsd.compare import main as compare_main
-from avalanche_drcpsd.compare import run_comparison
-from avalanche_drcpsd.run import ExperimentConfig
-
 from conftest import tiny_config
+
+from avalanche_drcpsd.experiments.compare import main as compare_main
+from avalanche_drcpsd.experiments.compare import run_comparison
+from avalanche_drcpsd.experiments.run import ExperimentConfig
+
+#: end-to-end runs: deselect with -m "not slow" for a quick loop
+pytestmark = pytest.mark.slow
 
 ray = pytest.importorskip("ray")
 
@@ -47,7 +49,7 @@ class Faults:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         # through the module: this class travels to the worker by value, and a global list would travel as a copy
-        from avalanche_drcpsd import checkpoint
+        from avalanche_drcpsd.experiments import checkpoint
 
         checkpoint.EVENT_HOOKS.append(hook)
         return lambda: checkpoint.EVENT_HOOKS.remove(hook)

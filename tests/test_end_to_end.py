@@ -7,15 +7,17 @@ import torch
 from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin
+from conftest import tiny_config
 from torch import nn
 
 from avalanche_drcpsd import DRCPSD, EmbeddingBuffer
 from avalanche_drcpsd.data import split_mnist
+from avalanche_drcpsd.experiments.run import ExperimentConfig, run_experiment
 from avalanche_drcpsd.generator import DiffusionGenerator
 from avalanche_drcpsd.models import SmallCNN
-from avalanche_drcpsd.run import ExperimentConfig, run_experiment
 
-from conftest import tiny_config
+#: end-to-end runs: deselect with -m "not slow" for a quick loop
+pytestmark = pytest.mark.slow
 
 N_EXP = 2
 MARGIN = 0.3

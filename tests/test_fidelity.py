@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from avalanche_drcpsd.fidelity import FidelityError, fid_kid, train_feature_extractor
+from avalanche_drcpsd.experiments.fidelity import FidelityError, fid_kid, train_feature_extractor
 from avalanche_drcpsd.utils import dataset_tensors
 
 

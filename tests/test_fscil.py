@@ -8,10 +8,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
-from avalanche_drcpsd.data import (DataError, MissingDataError, benchmark_options, fscil_benchmark, make_benchmark)
-from avalanche_drcpsd.report import RunLogs, build_report, session_rows
 from conftest import tiny_config
+
+from avalanche_drcpsd.data import DataError, MissingDataError, benchmark_options, fscil_benchmark, make_benchmark
+from avalanche_drcpsd.experiments.report import RunLogs, build_report, session_rows
 
 
 def _toy(n_classes=6, per_class=12, test_per_class=4, seed=0):
@@ -100,7 +100,7 @@ def test_make_benchmark_refuses_split_options_for_fscil(tmp_path):
 
 def test_experiment_config_checks_the_benchmark_args_of_its_benchmark():
     from avalanche_drcpsd.config import ConfigError
-    from avalanche_drcpsd.run import ExperimentConfig
+    from avalanche_drcpsd.experiments.run import ExperimentConfig
 
     with pytest.raises(ConfigError, match="unknown key.*'n_experiences'.*fscil_gtsrb"):
         ExperimentConfig(benchmark="fscil_gtsrb", benchmark_args={"n_experiences": 5})
@@ -183,7 +183,7 @@ def test_session_accuracy_pools_seen_base_and_novel_classes():
 def test_tiny_fscil_run_end_to_end(data_root, tmp_path, one_thread):
     """DR-CPSD and Naive on a slice of fscil_cifar10 (2 base classes, 2 sessions of 1-way 5-shot), then the report
     with the per-session accuracy on base and novel classes."""
-    from avalanche_drcpsd.run import ExperimentConfig, run_experiment
+    from avalanche_drcpsd.experiments.run import ExperimentConfig, run_experiment
 
     drcpsd = tiny_config(cpsd_min_steps=3, replay_min_steps=4, n_replay_per_class=8,
                          prompt_template="a photo of a {}").to_dict()

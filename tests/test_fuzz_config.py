@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from avalanche_drcpsd.config import ConfigError, DRCPSDConfig
-from avalanche_drcpsd.run import ExperimentConfig
+from avalanche_drcpsd.experiments.run import ExperimentConfig
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

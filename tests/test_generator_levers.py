@@ -4,13 +4,12 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from avalanche_drcpsd import CPSDGeneratorPlugin, DRCPSDConfig
 from avalanche_drcpsd.config import ConfigError
-from avalanche_drcpsd.fidelity import classification_accuracy_score
+from avalanche_drcpsd.experiments.fidelity import classification_accuracy_score
 from avalanche_drcpsd.utils import dataset_tensors
-
-from conftest import tiny_config
 
 
 def _exp_tensors(mnist_small, k):
@@ -234,7 +233,7 @@ def test_cas_is_per_class_accuracy_of_a_classifier_trained_on_synthetic_images(m
 
 
 def test_cas_rejects_mismatched_shapes():
-    from avalanche_drcpsd.fidelity import FidelityError
+    from avalanche_drcpsd.experiments.fidelity import FidelityError
 
     with pytest.raises(FidelityError, match="same"):
         classification_accuracy_score(torch.rand(4, 1, 28, 28), torch.arange(4), torch.rand(4, 3, 28, 28),

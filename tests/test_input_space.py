@@ -5,14 +5,13 @@ import pytest
 import torch
 from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin
+from conftest import tiny_config
 
 from avalanche_drcpsd import CPSDGeneratorPlugin, DRCPSDConfig
 from avalanche_drcpsd.config import ConfigError
-from avalanche_drcpsd.data import DataError, MNIST_CLASSES
+from avalanche_drcpsd.data import MNIST_CLASSES, DataError
 from avalanche_drcpsd.input_space import InputSpace, find_normalize
 from avalanche_drcpsd.models import SmallCNN
-
-from conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

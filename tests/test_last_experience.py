@@ -4,13 +4,12 @@ classifier is the one ``train`` gives bit for bit, and a stream trained after it
 import pytest
 import torch
 from avalanche.training.plugins import EvaluationPlugin
+from conftest import tiny_config
 
 from avalanche_drcpsd import DRCPSD
 from avalanche_drcpsd.config import ConfigError
 from avalanche_drcpsd.data import MNIST_CLASSES
 from avalanche_drcpsd.models import SmallCNN
-
-from conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,13 +10,13 @@ import json
 
 import numpy as np
 import pytest
-
-from avalanche_drcpsd import run
-from avalanche_drcpsd.run import MAIN_JOB_COLUMNS, ExperimentConfig, main
-
 from conftest import tiny_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+from avalanche_drcpsd.experiments import run
+from avalanche_drcpsd.experiments.run import MAIN_JOB_COLUMNS, ExperimentConfig, main
+
+#: end-to-end runs: deselect with -m "not slow" for a quick loop
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STRATEGIES = ("drcpsd", "naive", "er200")
@@ -148,7 +148,7 @@ def test_strategy_option_keeps_the_single_run(tmp_path, monkeypatch):
 def test_resume_continues_a_killed_drcpsd_sub_run(tmp_path, monkeypatch, capsys):
     """A full disk while the sample grid of experience 0 is written stops the job (exit 1, the checkpoint kept);
     the same command with --resume continues DR-CPSD from its checkpoint and finishes the job."""
-    from avalanche_drcpsd import checkpoint
+    from avalanche_drcpsd.experiments import checkpoint
     from avalanche_drcpsd.utils import WriteError
 
     out = tmp_path / "job"

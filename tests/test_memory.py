@@ -6,15 +6,15 @@ import csv
 import pytest
 import torch
 from avalanche.training.plugins import EvaluationPlugin
-
-from avalanche_drcpsd import DRCPSD, baselines
-from avalanche_drcpsd.baselines import MEMORY_PARTS, make_baseline, memory_bytes, memory_info
-from avalanche_drcpsd.data import MNIST_CLASSES
-from avalanche_drcpsd.models import SmallCNN
-from avalanche_drcpsd.run import RUN_INFO, ExperimentConfig, run_experiment
-from avalanche_drcpsd.utils import frozen_copy
-
 from conftest import tiny_config
+
+from avalanche_drcpsd import DRCPSD
+from avalanche_drcpsd.data import MNIST_CLASSES
+from avalanche_drcpsd.experiments import baselines
+from avalanche_drcpsd.experiments.baselines import MEMORY_PARTS, make_baseline, memory_bytes, memory_info
+from avalanche_drcpsd.experiments.run import RUN_INFO, ExperimentConfig, run_experiment
+from avalanche_drcpsd.models import SmallCNN
+from avalanche_drcpsd.utils import frozen_copy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

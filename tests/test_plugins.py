@@ -8,13 +8,12 @@ import torch
 from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training import Naive, Replay
 from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
+from conftest import tiny_config
 from torch import nn
 
 from avalanche_drcpsd import CPSDGeneratorPlugin, DistillPlugin, DreamReplayPlugin, MMDPlugin
-from avalanche_drcpsd.utils import dataset_tensors
 from avalanche_drcpsd.input_space import InputSpace
-
-from conftest import tiny_config
+from avalanche_drcpsd.utils import dataset_tensors
 
 MARK = 0.123  # every pixel of a fake synthetic image
 

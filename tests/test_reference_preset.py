@@ -8,16 +8,19 @@ import torch
 from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin
+from test_plugins import MLP, FakeSource
 from torch import nn
 
 from avalanche_drcpsd import CPSDProjection, DRCPSDConfig, DreamReplayPlugin, SeenClassMaskPlugin
-from avalanche_drcpsd.augment import (color_jitter, jpeg_round_trip, random_resized_crop_flip,
-                                      reference_classifier_augment)
+from avalanche_drcpsd.augment import (
+    color_jitter,
+    jpeg_round_trip,
+    random_resized_crop_flip,
+    reference_classifier_augment,
+)
 from avalanche_drcpsd.config import ConfigError
 from avalanche_drcpsd.losses import feature_distillation_loss
 from avalanche_drcpsd.plugins.logit_mask import MASKED_LOGIT, SeenClassMask
-
-from test_plugins import MLP, FakeSource
 
 #: read in the original code, not in this package (file and line of 769e79b)
 ORIGINAL = {
@@ -234,11 +237,11 @@ def test_jpeg_round_trip_is_lossy_but_close():
 def test_cpsd_phase_uses_the_weight_decay_and_the_augmentation(mnist_small, monkeypatch, one_thread):
     """cpsd_weight_decay reaches the projection's AdamW, and cpsd_augment="reference" transforms every CPSD batch
     (and nothing else: the generator phase trains on the images as they are)."""
+    from conftest import tiny_config
+
     import avalanche_drcpsd.plugins.generator as gp_module
     from avalanche_drcpsd import CPSDGeneratorPlugin
     from avalanche_drcpsd.utils import dataset_tensors
-
-    from conftest import tiny_config
 
     calls, decays = [], []
     original_aug = gp_module.reference_cpsd_augment
@@ -263,11 +266,11 @@ def test_cpsd_phase_uses_the_weight_decay_and_the_augmentation(mnist_small, monk
 
 
 def test_replay_augment_jpegs_the_drawn_set_and_augments_every_synthetic_batch(mnist_small, monkeypatch, one_thread):
+    from conftest import tiny_config
+
     import avalanche_drcpsd.plugins.dream_replay as dr_module
     from avalanche_drcpsd import CPSDGeneratorPlugin
     from avalanche_drcpsd.utils import dataset_tensors
-
-    from conftest import tiny_config
 
     plugin = CPSDGeneratorPlugin(tiny_config(replay_augment="reference"), verbose=False)
     plugin.learn_classes(*dataset_tensors(mnist_small.train_stream[0].dataset.eval()))
@@ -294,7 +297,7 @@ def test_every_shipped_experiment_file_loads_and_the_reference_one_holds_the_pre
     from pathlib import Path
 
     from avalanche_drcpsd.config import REFERENCE
-    from avalanche_drcpsd.run import ExperimentConfig
+    from avalanche_drcpsd.experiments.run import ExperimentConfig
 
     folder = Path(__file__).resolve().parents[1] / "experiments"
     files = sorted(folder.glob("*.json"))
@@ -314,10 +317,10 @@ def test_a_cuda_device_without_cuda_fails_before_anything_is_built(monkeypatch):
     """device='cuda:0' on a CPU-only machine: a ConfigError naming the device, from the strategy's constructor and
     from the generator plugin's setup (issue 15), while the config itself still loads (experiment files for a GPU
     machine stay readable)."""
+    from conftest import tiny_config
+
     from avalanche_drcpsd import DRCPSD, CPSDGeneratorPlugin
     from avalanche_drcpsd.config import check_device
-
-    from conftest import tiny_config
 
     cfg = tiny_config(device="cuda:0")
     with pytest.raises(ConfigError, match="device='cuda:0' but CUDA is not available"):
@@ -334,10 +337,10 @@ def test_a_cuda_device_without_cuda_fails_before_anything_is_built(monkeypatch):
 def test_guidance_is_drawn_per_image_or_per_generation_batch(mnist_small, monkeypatch, one_thread, draw):
     """``guidance_draw="batch"`` (the original: one U(5, 9) scale per pipeline call): each generation batch gets
     one float scale from the range; ``image`` hands the range to the generator, which draws one per image."""
+    from conftest import tiny_config
+
     from avalanche_drcpsd import CPSDGeneratorPlugin
     from avalanche_drcpsd.utils import dataset_tensors
-
-    from conftest import tiny_config
 
     plugin = CPSDGeneratorPlugin(tiny_config(guidance_scale=(5.0, 9.0), guidance_draw=draw, sample_batch_size=3),
                                  verbose=False)

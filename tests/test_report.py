@@ -5,13 +5,12 @@ import json
 
 import numpy as np
 import pytest
-
-from avalanche_drcpsd import baselines
-from avalanche_drcpsd.compare import main as compare_main
-from avalanche_drcpsd.report import RunLogs, ReportError, build_report, load_run
-from avalanche_drcpsd.report import main as report_main
-
 from conftest import tiny_config
+
+from avalanche_drcpsd.experiments import baselines
+from avalanche_drcpsd.experiments.compare import main as compare_main
+from avalanche_drcpsd.experiments.report import ReportError, RunLogs, build_report, load_run
+from avalanche_drcpsd.experiments.report import main as report_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -125,7 +124,7 @@ def test_summary_equals_numbers_recomputed_from_the_csvs(compared):
 def test_targets_equal_those_recomputed_from_the_summary(compared):
     """split_mnist's targets: >= 0.92, and above every baseline storing as many real images or more (all of
     them: DR-CPSD stores none), Joint excepted; margins in accuracy points."""
-    from avalanche_drcpsd.report import target_checks
+    from avalanche_drcpsd.experiments.report import target_checks
 
     folder, _ = compared
     summary = {r["strategy"]: r for r in _read(folder / "summary.csv")}
@@ -143,7 +142,8 @@ def test_targets_equal_those_recomputed_from_the_summary(compared):
         assert float(r["reference"]) == pytest.approx(reference)
         assert float(r["margin_points"]) == pytest.approx(100 * margin, abs=0.01)
         assert r["met"] == str(met)
-        line = next(l for l in (folder / "report.md").read_text().splitlines() if l.startswith(f"| {r['target']} |"))
+        line = next(md_line for md_line in (folder / "report.md").read_text().splitlines()
+                    if md_line.startswith(f"| {r['target']} |"))
         assert line.endswith("| met |" if met else "| **missed** |") and f"{100 * margin:+.1f}" in line
 
     # Joint's target, from summary rows made by hand: 0.70 against Joint 0.90 misses 10 points by 10
@@ -254,8 +254,8 @@ def test_report_plots_accuracy_against_memory_and_tolerates_old_run_info(tmp_pat
     assert data[:8] == PNG_MAGIC and len(data) > 2000
     report = (folder / "report.md").read_text()
     assert "![accuracy_memory](accuracy_memory.png)" in report and "| memory (bytes) |" in report
-    assert next(l for l in report.splitlines() if l.startswith("| lwf |")).endswith("| n/a |")
-    assert next(l for l in report.splitlines() if l.startswith("| er200 |")).endswith("| 156800 |")
+    assert next(line for line in report.splitlines() if line.startswith("| lwf |")).endswith("| n/a |")
+    assert next(line for line in report.splitlines() if line.startswith("| er200 |")).endswith("| 156800 |")
 
     old = tmp_path / "old"  # every run from before: the report still builds, without the plot
     _fake_run(old, "lwf", 0, [[0.9], [0.2, 0.9]], {"stored_real_images": 0})
@@ -278,7 +278,7 @@ def _summary(folder, rows):
 
 
 def test_index_gathers_every_benchmark_summary_into_one_table(tmp_path):
-    from avalanche_drcpsd.report import comparison_rows, update_index
+    from avalanche_drcpsd.experiments.report import comparison_rows, update_index
 
     _summary(tmp_path / "split_mnist", [("joint", "42 69", 0.98, 0.001, 60000), ("drcpsd", "42", 0.65, 0.0, 0),
                                         ("naive", "42 69", 0.195, 0.002, 0)])

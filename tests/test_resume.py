@@ -1,5 +1,5 @@
-"""A tiny DR-CPSD run killed (SIGKILL, in a child process) inside every phase and resumed each time ends with the CSV rows,
-accuracies and learned state of an uninterrupted run with the same seed, bit for bit on the CPU.
+"""A tiny DR-CPSD run killed (SIGKILL, in a child process) inside every phase and resumed each time ends with the CSV
+rows, accuracies and learned state of an uninterrupted run with the same seed, bit for bit on the CPU.
 
 The kills use ``tests/kill_switch.py``'s ``"<exp>:<phase>[:<when>]"`` points, through the checkpointer's event hooks.
 They form one chain: each process resumes from the checkpoint the previous one left and is killed one phase further
@@ -16,12 +16,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from avalanche_drcpsd.checkpoint import CHECKPOINT_DIR, EVENT_HOOKS, CheckpointError, load_checkpoint
-from avalanche_drcpsd.run import ExperimentConfig, run_experiment
+from avalanche_drcpsd.experiments.checkpoint import CHECKPOINT_DIR, EVENT_HOOKS, CheckpointError, load_checkpoint
+from avalanche_drcpsd.experiments.run import ExperimentConfig, run_experiment
 
-from conftest import tiny_config
+#: end-to-end runs: deselect with -m "not slow" for a quick loop
+pytestmark = pytest.mark.slow
 
 #: one process per entry, each killed at that point (``end``: after the phase's work, before its checkpoint;
 #: ``start``: as it begins; ``checkpoint``: half-way through writing its checkpoint); then one that finishes
@@ -53,7 +55,7 @@ def _child(argv, kill_at, log):  # runs in a forked child process: `drcpsd-run A
         from kill_switch import KillSwitch
 
         EVENT_HOOKS.append(KillSwitch(kill_at))
-    from avalanche_drcpsd.run import main
+    from avalanche_drcpsd.experiments.run import main
 
     sys.exit(main(argv))
 
@@ -68,8 +70,8 @@ def _context():
     global _FORKSERVER
     if _FORKSERVER is None:
         _FORKSERVER = multiprocessing.get_context("forkserver")
-        _FORKSERVER.set_forkserver_preload(["avalanche_drcpsd.run", "avalanche_drcpsd.strategy",
-                                            "avalanche_drcpsd.models", "avalanche_drcpsd.checkpoint",
+        _FORKSERVER.set_forkserver_preload(["avalanche_drcpsd.experiments.run", "avalanche_drcpsd.strategy",
+                                            "avalanche_drcpsd.models", "avalanche_drcpsd.experiments.checkpoint",
                                             "avalanche.training", "avalanche.evaluation.metrics"])
     return _FORKSERVER
 
@@ -136,7 +138,8 @@ def test_killed_in_every_phase_and_resumed_equals_an_uninterrupted_run(reference
     assert [h["stream_accuracy"] for h in summary["history"]] == [h["stream_accuracy"] for h in ref_summary["history"]]
     assert summary["phase_time_s"].keys() == ref_summary["phase_time_s"].keys()
     # and so is the learned state, bit for bit
-    for name in ("classifier.safetensors", "embeddings.safetensors", "generator/unet/diffusion_pytorch_model.safetensors"):
+    for name in ("classifier.safetensors", "embeddings.safetensors",
+                 "generator/unet/diffusion_pytorch_model.safetensors"):
         a, b = load_file(out / "state" / name), load_file(ref / "state" / name)
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
 
@@ -147,7 +150,7 @@ def test_killed_in_every_phase_and_resumed_equals_an_uninterrupted_run(reference
 
 def test_resume_refuses_another_configuration(tmp_path):
     """A checkpoint is only resumed with the configuration that wrote it (here: one written by hand)."""
-    from avalanche_drcpsd.checkpoint import CheckpointStore
+    from avalanche_drcpsd.experiments.checkpoint import CheckpointStore
 
     exp = experiment()
     CheckpointStore(str(tmp_path / CHECKPOINT_DIR)).write([], {
@@ -163,7 +166,7 @@ def test_resume_refuses_another_configuration(tmp_path):
 def test_resume_accepts_a_configuration_saved_before_a_field_was_added():
     """A run saved before an option existed resumes when the option is at its default (the saved config lacks
     it), and is refused when it is not."""
-    from avalanche_drcpsd.run import _check_same_experiment
+    from avalanche_drcpsd.experiments.run import _check_same_experiment
 
     exp = experiment()
     saved = exp.to_dict()
@@ -194,7 +197,8 @@ def _assert_same_end(ref, ref_summary, out) -> None:
     """The killed-and-resumed run ended as the uninterrupted one: accuracy, classifier, embeddings, generator, rows."""
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_average_accuracy"] == ref_summary["final_average_accuracy"]
-    for name in ("classifier.safetensors", "embeddings.safetensors", "generator/unet/diffusion_pytorch_model.safetensors"):
+    for name in ("classifier.safetensors", "embeddings.safetensors",
+                 "generator/unet/diffusion_pytorch_model.safetensors"):
         a, b = load_file(out / "state" / name), load_file(ref / "state" / name)
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
     assert (out / "logs" / "eval_results.csv").read_text() == (ref / "logs" / "eval_results.csv").read_text()

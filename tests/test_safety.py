@@ -12,16 +12,21 @@ import types
 
 import pytest
 import torch
-
-from avalanche_drcpsd.checkpoint import (CHECKPOINT_DIR, CheckpointStore, CorruptCheckpointError, NonFiniteError,
-                                         load_checkpoint)
-from kill_switch import KillSwitch, kill_at as killed_at
-from avalanche_drcpsd.data import DataError
-from avalanche_drcpsd.logging import MetricsCSVLogger, ResumableCSVLogger
-from avalanche_drcpsd.run import ExperimentConfig, main, run_experiment
-from avalanche_drcpsd.utils import WriteError, atomic_write, check_experience_data
-
 from conftest import tiny_config
+from kill_switch import KillSwitch
+from kill_switch import kill_at as killed_at
+
+from avalanche_drcpsd.data import DataError
+from avalanche_drcpsd.experiments.checkpoint import (
+    CHECKPOINT_DIR,
+    CheckpointStore,
+    CorruptCheckpointError,
+    NonFiniteError,
+    load_checkpoint,
+)
+from avalanche_drcpsd.experiments.run import ExperimentConfig, main, run_experiment
+from avalanche_drcpsd.logging import MetricsCSVLogger, ResumableCSVLogger
+from avalanche_drcpsd.utils import WriteError, atomic_write, check_experience_data
 
 
 class _Killed(BaseException):
@@ -156,7 +161,7 @@ def _enospc(*args, **kwargs):
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(copy_of, monkeypatch):
     before, _ = _files(copy_of)
     store = CheckpointStore(str(copy_of / CHECKPOINT_DIR))
-    from avalanche_drcpsd.checkpoint import _Entry
+    from avalanche_drcpsd.experiments.checkpoint import _Entry
 
     monkeypatch.setattr(os, "replace", _enospc)
     with pytest.raises(WriteError, match=f"No space left on device.*previous checkpoint \\({before.name}\\) is kept") \

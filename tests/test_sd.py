@@ -12,18 +12,26 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
+from tiny_sd import HIDDEN, RES, build_tiny_sd
 
 from avalanche_drcpsd import CPSDGeneratorPlugin, DRCPSDConfig
 from avalanche_drcpsd.config import ConfigError
 from avalanche_drcpsd.cpsd import CPSDProjection, train_cpsd_projection
 from avalanche_drcpsd.generator import GeneratorError, make_sampling_scheduler
 from avalanche_drcpsd.losses import cpsd_loss, ldm_loss
-from avalanche_drcpsd.sd import (SD_OPTIONS, StableDiffusionError, StableDiffusionGenerator, draw_guidance_scales,
-                                 load_generator, parse_dtype, pipeline_fingerprint, save_random_pipeline,
-                                 to_classifier_images, to_pipeline_images)
+from avalanche_drcpsd.sd import (
+    SD_OPTIONS,
+    StableDiffusionError,
+    StableDiffusionGenerator,
+    draw_guidance_scales,
+    load_generator,
+    parse_dtype,
+    pipeline_fingerprint,
+    save_random_pipeline,
+    to_classifier_images,
+    to_pipeline_images,
+)
 from avalanche_drcpsd.text_encoders import HFCLIPTextEncoder
-
-from tiny_sd import HIDDEN, RES, build_tiny_sd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,8 +16,15 @@ from PIL import Image
 from avalanche_drcpsd import CPSDGeneratorPlugin, DRCPSDConfig, EmbeddingBuffer
 from avalanche_drcpsd.config import ConfigError
 from avalanche_drcpsd.generator import DiffusionGenerator
-from avalanche_drcpsd.synthetic_cache import (CacheWriteError, CorruptCacheError, SyntheticCache, SyntheticCacheError,
-                                              generator_identity, quantize, tensor_sha256)
+from avalanche_drcpsd.synthetic_cache import (
+    CacheWriteError,
+    CorruptCacheError,
+    SyntheticCache,
+    SyntheticCacheError,
+    generator_identity,
+    quantize,
+    tensor_sha256,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

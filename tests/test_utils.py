@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from avalanche_drcpsd.features import find_head, forward_with_features
-from avalanche_drcpsd.utils import atomic_write, atomic_write_csv, atomic_write_text, frozen_copy, interpolate_state_dicts
+from avalanche_drcpsd.utils import (
+    atomic_write,
+    atomic_write_csv,
+    atomic_write_text,
+    frozen_copy,
+    interpolate_state_dicts,
+)
 
 
 def _model(seed: int, batches: int) -> nn.Module:

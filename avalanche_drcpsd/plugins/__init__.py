@@ -6,4 +6,5 @@ from .generator import CPSDGeneratorPlugin
 from .logit_mask import SeenClassMaskPlugin
 from .mmd import MMDPlugin
 
-__all__ = ["CPSDGeneratorPlugin", "DreamReplayPlugin", "DistillPlugin", "MMDPlugin", "SeenClassMaskPlugin", "SyntheticSource"]
+__all__ = ["CPSDGeneratorPlugin", "DreamReplayPlugin", "DistillPlugin", "MMDPlugin", "SeenClassMaskPlugin",
+           "SyntheticSource"]

@@ -49,8 +49,8 @@ from ..config import CHOICES
 from ..features import check_single_task, classify, forward_with_features
 from ..losses import balanced_kappa, isolation_loss, logit_distillation_loss
 from ..utils import PhaseTimer, experience_classes, interpolate_state_dicts
-from .distill import DistillPlugin
 from .base import StatefulPlugin
+from .distill import DistillPlugin
 
 __all__ = ["SyntheticSource", "DreamReplayPlugin", "replay_epochs_for", "FEW_REPLAY_STEPS"]
 
@@ -114,9 +114,9 @@ class DreamReplayPlugin(StatefulPlugin):
     ):
         """
         :param source: gives synthetic old-class images (``sample_replay``).
-        :param replay_classes: ``old`` (the paper's description) draws synthetic images of the old classes only; ``seen`` (the original code)
-            of the old and the current classes (the source must know the current ones by the end of the
-            experience, as :class:`CPSDGeneratorPlugin` placed before this plugin does).
+        :param replay_classes: ``old`` (the paper's description) draws synthetic images of the old classes only;
+            ``seen`` (the original code) of the old and the current classes (the source must know the current ones
+            by the end of the experience, as :class:`CPSDGeneratorPlugin` placed before this plugin does).
         :param replay_filter: ``teacher`` drops the synthetic images their teacher misclassifies (old classes: the
             old teacher; current classes: the new teacher), keeping a class whole when none would survive; the kept
             share is ``stats[experience]["filter_kept"]``. ``none`` (the reference) keeps every image.
@@ -127,7 +127,7 @@ class DreamReplayPlugin(StatefulPlugin):
             are kept in ``epochs_used[experience]``.
         :param student_bn: the initial student's BatchNorm running statistics: ``average`` (interpolated like the
             weights) or ``new`` (the new teacher's, as the original code leaves them).
-        :param step_ema: after every optimiser step, :math:`\theta \leftarrow a\,\theta + (1-a)\,\theta_{before}`
+        :param step_ema: after every optimiser step, :math:`\theta \\leftarrow a\\,\theta + (1-a)\\,\theta_{before}`
             with this ``a`` (the original code's ``--c_ema``, 0.1); None: off.
         :param epoch_length: ``longer``: an epoch is as many paired batches as the longer set has, the other
             cycling; ``shorter``: as many as the shorter one (the original code's ``zip``).
@@ -310,7 +310,8 @@ class DreamReplayPlugin(StatefulPlugin):
                 loss = ce + kd + self.kd_weight * terms.get("logit_kd", 0.0)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
-                        f"non-finite replay loss ({loss.item()}) in experience {strategy.experience.current_experience}")
+                        f"non-finite replay loss ({loss.item()}) in experience "
+                        f"{strategy.experience.current_experience}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip or float("inf"))

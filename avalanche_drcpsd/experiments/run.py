@@ -13,7 +13,7 @@ experiment. Outputs of one run in ``--out`` (default ``runs/<benchmark>-<strateg
 ``state/`` (classifier, generator, embedding buffer after each experience), ``samples_exp<k>.png`` (a grid
 of synthetic images per learned class), and ``summary.json``. While a DR-CPSD run is in progress, ``checkpoint/``
 holds the checkpoint of its latest phase; ``--resume`` continues a killed run from it
-(:mod:`avalanche_drcpsd.checkpoint`).
+(:mod:`avalanche_drcpsd.experiments.checkpoint`).
 """
 
 from __future__ import annotations
@@ -32,11 +32,18 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .baselines import (STRATEGIES, generator_parameters, is_joint, make_baseline, memory_bytes, memory_info,
-                        stored_real_images)
-from .config import ConfigError, DRCPSDConfig, build_from_fields, check_device, read_json
-from .data import BENCHMARKS
-from .utils import atomic_write, atomic_write_csv, atomic_write_text
+from ..config import ConfigError, DRCPSDConfig, build_from_fields, check_device, read_json
+from ..data import BENCHMARKS
+from ..utils import atomic_write, atomic_write_csv, atomic_write_text
+from .baselines import (
+    STRATEGIES,
+    generator_parameters,
+    is_joint,
+    make_baseline,
+    memory_bytes,
+    memory_info,
+    stored_real_images,
+)
 
 __all__ = ["ExperimentConfig", "run_experiment", "run_main_job", "format_main_job_table", "main", "RUN_INFO",
            "MAIN_JOB_STRATEGIES", "MAIN_JOB_COLUMNS"]
@@ -68,8 +75,9 @@ class ExperimentConfig:
     momentum: float = 0.9
     seed: int = 0
     threads: Optional[int] = None
-    #: a directory written by :func:`avalanche_drcpsd.fidelity.train_feature_extractor`: DR-CPSD runs then publish
-    #: the FID and KID between real test images and synthetic samples of the learned classes after each experience
+    #: a directory written by :func:`avalanche_drcpsd.experiments.fidelity.train_feature_extractor`: DR-CPSD runs then
+    #: publish the FID and KID between real test images and synthetic samples of the learned classes after each
+    #: experience
     fidelity_extractor: Optional[str] = None
     fidelity_samples_per_class: int = 100
     drcpsd: DRCPSDConfig = field(default_factory=DRCPSDConfig)
@@ -94,7 +102,7 @@ class ExperimentConfig:
                 raise ConfigError(f"{name}={_short(v)} must be a non-empty path or null")
         if self.fidelity_extractor is not None and not os.path.isdir(self.fidelity_extractor):
             raise ConfigError(f"fidelity_extractor={self.fidelity_extractor!r} is not a directory; expected one "
-                              "written by avalanche_drcpsd.fidelity.train_feature_extractor")
+                              "written by avalanche_drcpsd.experiments.fidelity.train_feature_extractor")
         for name in ("train_epochs", "train_mb_size", "eval_mb_size", "fidelity_samples_per_class"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -154,7 +162,7 @@ def _finite(value: Any) -> bool:
 
 def _check_benchmark_args(benchmark: str, args: Any) -> None:
     """The keys the benchmark's builder takes (:func:`avalanche_drcpsd.data.benchmark_options`), typed."""
-    from .data import benchmark_options
+    from ..data import benchmark_options
 
     if not isinstance(args, dict):
         raise ConfigError(f"benchmark_args={_short(args)} must be a JSON object")
@@ -184,50 +192,22 @@ def _check_benchmark_args(benchmark: str, args: Any) -> None:
         raise ConfigError(f"benchmark_args['cache_dir']={_short(cache)} must be a non-empty path or null")
 
 
-def default_experiment() -> ExperimentConfig:
-    """The main job's recipe: DR-CPSD on the embedded MNIST subset on a 2-core CPU (the
-    main job's other strategies take the same benchmark, classifier, epochs and optimiser, :func:`run_main_job`).
+#: the main job's recipe (:func:`default_experiment`)
+DEFAULT_EXPERIMENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.json")
 
-    The generator (issue 13, ``results/generator/``): the UNet of the CPU profiles with one attention head, 700
-    steps of batch 32 for the first experience (a generator from scratch: 300 steps of batch 64 left one of its two
-    classes at CAS 0) and 300 for each later one (it starts from a trained generator); batch 32 instead of 64 costs
-    0.6x a step and gave the same replay accuracy (0.851 against 0.860, 3 seeds each,
-    ``results/generator/README.md``). It keeps an EMA of its weights (decay up to
-    0.999). Each class's 100 replay images are drawn once, right after the class is learned, and kept
-    (``replay_draw="once"``): the replay of an old class no longer depends on the generator remembering it, so
-    generative distillation is off (weight 0: no teacher, whole batches of real images). A smaller UNet
-    (16, 32, 32) was 2.9x cheaper per step but drew grid-patterned digits (``results/generator/README.md``).
-    Replay runs 10 epochs: an experience here has only 400 real images, so one or two epochs are 13-26 optimiser
-    steps, too few for a student to fit anything (the averaged one erased the newest classes). The student starts
-    from a new initialisation (``student_init="fresh"``). The last
-    experience's generator and CPSD phases are left out (``generator_last_experience="skip"``): nothing replays
-    its classes, so the classifier is the same bit for bit, 300 generator steps cheaper."""
-    return ExperimentConfig(
-        benchmark="default",
-        train_epochs=4,
-        drcpsd=DRCPSDConfig(
-            prompt_template="a photo of the handwritten digit {}",
-            unet_attention_head_dim=1,
-            generator_first_steps=700, generator_steps=300, generator_batch_size=32, generator_ema_decay=0.999,
-            replay_draw="once", generator_distill_weight=0.0, generator_last_experience="skip",
-            cpsd_batch_size=32, cpsd_max_images_per_class=64,
-            n_replay_per_class=100, sampling_steps=10, guidance_scale=3.0,
-            replay_batch_real=32, replay_batch_syn=32, replay_epochs=10,
-            # the CPU profile's replay (results/README.md): class-balanced isolation weight, old-teacher logit
-            # distillation, a smaller replay learning rate
-            kappa=1.0, kappa_schedule="balanced", replay_kd_weight=3.0, replay_lr=0.01,
-            # a newly initialised replay student: 0.860 against the averaged student's 0.776 on this data's sets
-            # (3 seeds, results/replay/README.md)
-            student_init="fresh",
-            gap_samples_per_class=16,
-        ),
-    )
+
+def default_experiment() -> ExperimentConfig:
+    """The main job's recipe, read from ``avalanche_drcpsd/experiments/default.json``: DR-CPSD on the embedded
+    MNIST subset on a 2-core CPU (the main job's other strategies take the same benchmark, classifier, epochs and
+    optimiser, :func:`run_main_job`). Why each setting is what it is, with the measurements behind it:
+    ``results/main_job/README.md``."""
+    return ExperimentConfig.from_json(DEFAULT_EXPERIMENT)
 
 
 def _image_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int):
     """A (classes x per_class) grid as a PIL image."""
-    from torchvision.utils import make_grid
     from torchvision.transforms.functional import to_pil_image
+    from torchvision.utils import make_grid
 
     rows = []
     for c in labels.unique().tolist():
@@ -241,24 +221,24 @@ def run_experiment(exp: ExperimentConfig, out_dir: str, *, verbose: bool = True,
     """Train on every experience of the benchmark, evaluating on the whole test stream after each.
 
     A DR-CPSD run writes a checkpoint to ``<out_dir>/checkpoint/`` at the end of every phase of every experience
-    (:mod:`avalanche_drcpsd.checkpoint`; ``checkpoint=False``: none) and deletes it once the run is complete.
-    ``resume=True`` continues the run left in ``out_dir`` by a killed process from its latest checkpoint, with the
-    same configuration (else :class:`~avalanche_drcpsd.checkpoint.CheckpointError`): the CSV logs are cut back to
-    what the checkpoint recorded and the rows, accuracies and final state are those of an uninterrupted run (on the
-    CPU, bit for bit). Without a checkpoint it starts from the beginning; on a finished run it returns the saved
+    (:mod:`avalanche_drcpsd.experiments.checkpoint`; ``checkpoint=False``: none) and deletes it once the run is
+    complete. ``resume=True`` continues the run left in ``out_dir`` by a killed process from its latest checkpoint, with
+    the same configuration (else :class:`~avalanche_drcpsd.experiments.checkpoint.CheckpointError`): the CSV logs are
+    cut back to what the checkpoint recorded and the rows, accuracies and final state are those of an uninterrupted run
+    (on the CPU, bit for bit). Without a checkpoint it starts from the beginning; on a finished run it returns the saved
     summary. A run started without ``resume`` discards any checkpoint left in ``out_dir``.
     """
     from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics, loss_metrics
     from avalanche.logging import InteractiveLogger
     from avalanche.training.plugins import EvaluationPlugin
 
-    from .checkpoint import CHECKPOINT_DIR, CheckpointError, Checkpointer, NonFiniteError, load_checkpoint
-    from .data import make_benchmark
-    from .features import find_head
-    from .logging import MetricsCSVLogger, ResumableCSVLogger, restore_log
-    from .models import make_classifier
-    from .strategy import DRCPSD
-    from .utils import check_experience_data
+    from ..data import make_benchmark
+    from ..features import find_head
+    from ..logging import MetricsCSVLogger, ResumableCSVLogger, restore_log
+    from ..models import make_classifier
+    from ..strategy import DRCPSD
+    from ..utils import check_experience_data
+    from .checkpoint import CHECKPOINT_DIR, Checkpointer, CheckpointError, NonFiniteError, load_checkpoint
 
     out_dir = os.fspath(out_dir)
     log_dir = os.path.join(out_dir, "logs")
@@ -454,7 +434,7 @@ def run_main_job(base: ExperimentConfig, out_dir: str, strategies: Sequence[str]
     """The main job: ``base`` (its data, classifier, epochs and optimiser) with each of ``strategies`` in turn,
     each run into ``<out_dir>/<strategy>/`` by :func:`run_experiment`, then ``<out_dir>/summary.csv``
     (:data:`MAIN_JOB_COLUMNS`, one row per strategy, in the order run), ``accuracy.png`` (accuracy on the seen
-    experiences after each experience) and ``accuracy_memory.png`` (:mod:`avalanche_drcpsd.report`'s plots).
+    experiences after each experience) and ``accuracy_memory.png`` (:mod:`avalanche_drcpsd.experiments.report`'s plots).
     DR-CPSD's sample grids stay in ``<out_dir>/drcpsd/``.
 
     As in ``drcpsd-compare``, a finished sub-run (``logs/run_info.csv`` present) is reused, provided it was made
@@ -531,9 +511,9 @@ def _publish_fidelity(strategy, benchmark, exp_id: int, exp: ExperimentConfig) -
     synthetic samples per class, published as ``RealSynFID/Exp<eee>`` and ``RealSynKID/Exp<eee>``."""
     from avalanche.evaluation.metric_results import MetricValue
 
+    from ..logging import flush_metric_values
+    from ..utils import dataset_tensors
     from .fidelity import fid_kid
-    from .logging import flush_metric_values
-    from .utils import dataset_tensors
 
     learned = strategy.buffer.classes
     n = exp.fidelity_samples_per_class
@@ -632,12 +612,12 @@ def _guarded(parser: argparse.ArgumentParser, args: argparse.Namespace, resumabl
     """``work()``, with the command's errors: bad data, paths or checkpoint (found before training or before
     resuming) and the exception types ``also`` exit through ``parser.error``; a non-finite loss or a full disk
     prints the error and returns None (exit code 1), the checkpoint kept."""
+    from ..data import DataError
+    from ..generator import GeneratorError
+    from ..logging import LogPositionError
+    from ..text_encoders import TextEncoderError
+    from ..utils import WriteError
     from .checkpoint import CheckpointError
-    from .data import DataError
-    from .generator import GeneratorError
-    from .logging import LogPositionError
-    from .text_encoders import TextEncoderError
-    from .utils import WriteError
 
     try:
         return work()

@@ -65,9 +65,8 @@ def _genreplay(common, spec):
     """Avalanche's GenerativeReplay with its default generator recipe (MLP VAE, 2 hidden units, Adam 0.01),
     built for the benchmark's image shape (the wrapper's own default is hard-wired to 1x28x28)."""
     from avalanche.models.generator import MlpVAE, VAE_loss
-    from avalanche.training.plugins import EvaluationPlugin
     from avalanche.training import GenerativeReplay, VAETraining
-    from avalanche.training.plugins import GenerativeReplayPlugin
+    from avalanche.training.plugins import EvaluationPlugin, GenerativeReplayPlugin
 
     device = common.get("device", "cpu")
     vae = MlpVAE(tuple(spec.image_shape), nhid=2, device=device)

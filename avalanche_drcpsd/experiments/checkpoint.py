@@ -67,9 +67,9 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import nn
 
-from .plugins.base import StatefulPlugin
-from .utils import PHASES as STRATEGY_PHASES
-from .utils import WriteError, atomic_write, atomic_write_bytes, experience_classes, frozen_copy, sha256_file
+from ..plugins.base import StatefulPlugin
+from ..utils import PHASES as STRATEGY_PHASES
+from ..utils import WriteError, atomic_write, atomic_write_bytes, experience_classes, frozen_copy, sha256_file
 
 __all__ = [
     "CheckpointError",
@@ -728,7 +728,7 @@ class Checkpointer:
         """Put the run's state of ``ckpt`` into the (freshly built) strategy; random states last."""
         from avalanche.evaluation.metric_results import MetricValue
 
-        from .cpsd import EmbeddingBuffer
+        from ..cpsd import EmbeddingBuffer
 
         s = self.strategy
         gp = s.generator_plugin
@@ -736,8 +736,8 @@ class Checkpointer:
         saved_plugins = m.get("plugins", [])
         now = [type(p).__name__ for p in self.plugins]
         if saved_plugins != now:
-            raise CheckpointError(f"checkpoint {ckpt.directory!r} was written by a strategy with plugins {saved_plugins}"
-                                  f", this one has {now}: resume with the same configuration and code")
+            raise CheckpointError(f"checkpoint {ckpt.directory!r} was written by a strategy with plugins "
+                                  f"{saved_plugins}, this one has {now}: resume with the same configuration and code")
         gp.setup()
         if ckpt.has("embeddings.safetensors"):
             try:
@@ -860,7 +860,7 @@ class Checkpointer:
 
 
 def _log_position(path: str) -> Dict[str, Any]:
-    from .logging import log_position
+    from ..logging import log_position
 
     return log_position(path)
 

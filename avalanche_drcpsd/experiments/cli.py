@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import ConfigError, DRCPSDConfig, check_prompt_template
-from .generator import GeneratorError
-from .text_encoders import TextEncoderError
-from .utils import atomic_write
+from ..config import ConfigError, DRCPSDConfig, check_prompt_template
+from ..generator import GeneratorError
+from ..text_encoders import TextEncoderError
+from ..utils import atomic_write
 
 __all__ = ["sample_main", "train_cpsd_main", "load_image_folder"]
 
@@ -78,7 +78,7 @@ def _add_generator_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load_generator(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """The generator of ``args.generator`` and the config ``generator`` kind it is."""
-    from .sd import StableDiffusionGenerator, load_generator
+    from ..sd import StableDiffusionGenerator, load_generator
 
     try:
         gen = load_generator(args.generator, device=args.device, torch_dtype=args.dtype, resolution=args.resolution,
@@ -154,7 +154,8 @@ def train_cpsd_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("images", type=_existing_dir, help="image folder: <images>/<class_name>/*.png|jpg")
     parser.add_argument("--out", default="embeddings.safetensors", help="embedding buffer file to write")
     parser.add_argument("--epochs", type=_positive_int, default=1, help="CPSD epochs per class (reference: 1)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="CPSD learning rate (the original code: 4e-4, i.e. 1e-4 x batch 4)")
+    parser.add_argument("--lr", type=float, default=1e-4,
+                        help="CPSD learning rate (the original code: 4e-4, i.e. 1e-4 x batch 4)")
     parser.add_argument("--batch-size", type=_positive_int, default=4, help="CPSD batch size (reference: 4)")
     parser.add_argument("--prompt-template", default="a photo of a {}", help="class prompt, '{}' = class name")
     parser.add_argument("--lambda-mmd", type=float, default=0.003, help="weight of the MMD term (reference 0.003)")
@@ -180,7 +181,7 @@ def train_cpsd_main(argv: Optional[Sequence[str]] = None) -> int:
                      cpsd_lr=args.lr, cpsd_batch_size=args.batch_size, lambda_mmd=args.lambda_mmd,
                      mmd_kind=args.mmd_kind, generator_steps=0, cpsd_order="before_generator", seed=args.seed,
                      device=args.device)
-    from .plugins.generator import CPSDGeneratorPlugin
+    from ..plugins.generator import CPSDGeneratorPlugin
 
     torch.manual_seed(args.seed)
     plugin = CPSDGeneratorPlugin(config, class_names=names, generator=gen, verbose=not args.quiet)
@@ -222,7 +223,7 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if len(args.guidance) not in (1, 2):
         parser.error(f"--guidance takes one scale or LOW HIGH, got {args.guidance}")
-    from .cpsd import EmbeddingBuffer
+    from ..cpsd import EmbeddingBuffer
 
     try:
         buffer = EmbeddingBuffer.load(args.embeddings)
@@ -231,7 +232,8 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
     classes = args.classes if args.classes else buffer.classes
     missing = [c for c in classes if c not in buffer]
     if missing:
-        parser.error(f"classes {missing} are not in the embedding buffer {args.embeddings!r} (it holds {buffer.classes})")
+        parser.error(f"classes {missing} are not in the embedding buffer {args.embeddings!r} "
+                     f"(it holds {buffer.classes})")
     if buffer.null is None:
         parser.error(f"the embedding buffer {args.embeddings!r} has no null embedding (needed for guidance)")
     gen, kind = _load_generator(parser, args)
@@ -249,9 +251,9 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
     config = _config(parser, generator=kind, generator_path=args.generator, guidance_scale=guidance,
                      sampling_steps=args.steps, sampler=args.sampler, sample_batch_size=args.batch_size,
                      seed=args.seed, device=args.device, synthetic_cache_dir=args.out)
-    from .plugins.generator import CPSDGeneratorPlugin
+    from ..plugins.generator import CPSDGeneratorPlugin
+    from ..synthetic_cache import SyntheticCacheError
     from .run import _image_grid
-    from .synthetic_cache import SyntheticCacheError
 
     plugin = CPSDGeneratorPlugin(config, generator=gen, verbose=not args.quiet)
     plugin.buffer = buffer

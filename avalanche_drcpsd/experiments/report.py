@@ -1,6 +1,6 @@
 """Rebuild a benchmark's summary, plots and report from its CSV folders alone.
 
-    python -m avalanche_drcpsd.report results/split_mnist
+    python -m avalanche_drcpsd.experiments.report results/split_mnist
 
 reads every run under ``<folder>/runs/<strategy>/seed<k>/logs/`` (Avalanche ``CSVLogger``'s
 ``eval_results.csv``, this package's ``metrics.csv`` and ``run_info.csv``) and writes, atomically:
@@ -8,7 +8,7 @@ reads every run under ``<folder>/runs/<strategy>/seed<k>/logs/`` (Avalanche ``CS
 * ``summary.csv``: per strategy, mean and std over seeds of the final average accuracy, the final stream
   accuracy, the average forgetting and the wall time, with the stored real images, generator parameters and
   ``memory_bytes`` (what the strategy keeps from one experience to the next beyond the classifier,
-  :func:`avalanche_drcpsd.baselines.memory_bytes`; empty for runs whose ``run_info.csv`` predates it);
+  :func:`avalanche_drcpsd.experiments.baselines.memory_bytes`; empty for runs whose ``run_info.csv`` predates it);
 * ``accuracy.png``: average accuracy on the experiences seen so far after each experience, per strategy (mean
   over seeds, min-max band);
 * ``accuracy_memory.png``: final average accuracy (mean over seeds, std error bar) against ``memory_bytes``
@@ -21,7 +21,7 @@ reads every run under ``<folder>/runs/<strategy>/seed<k>/logs/`` (Avalanche ``CS
 * ``report.md``: all of the above with the command that produced the runs (``command.txt``) and, when the
   folder has one, the hand-written ``notes.md`` (why a target is missed), included as it is.
 
-``python -m avalanche_drcpsd.report --index results`` then gathers every benchmark's ``summary.csv`` into
+``python -m avalanche_drcpsd.experiments.report --index results`` then gathers every benchmark's ``summary.csv`` into
 ``results/comparison.csv`` and the table between the comparison markers of ``results/README.md``.
 
 Definitions (Lopez-Paz & Ranzato, 2017; Chaudhry et al., 2018), with :math:`a_{i,j}` the accuracy on the test
@@ -45,9 +45,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..data import FSCIL_BENCHMARKS, SPLIT_BENCHMARKS
+from ..utils import atomic_write, atomic_write_csv, atomic_write_text
 from .baselines import STRATEGIES, is_joint
-from .data import FSCIL_BENCHMARKS, SPLIT_BENCHMARKS
-from .utils import atomic_write, atomic_write_csv, atomic_write_text
 
 __all__ = ["RunLogs", "load_run", "find_runs", "summarise", "target_checks", "build_report", "plot_accuracy",
            "plot_accuracy_memory", "plot_sessions", "session_rows", "main", "TARGETS"]
@@ -508,7 +508,7 @@ def build_report(folder: str, title: Optional[str] = None) -> List[Dict[str, obj
     lines = [f"# {title or os.path.basename(os.path.normpath(folder))}", ""]
     if os.path.isfile(command):
         lines += ["Produced by", "", "```", open(command, encoding="utf-8").read().strip(), "```", ""]
-    lines += ["Rebuilt from the CSV folders by `python -m avalanche_drcpsd.report " + folder + "`.", "",
+    lines += ["Rebuilt from the CSV folders by `python -m avalanche_drcpsd.experiments.report " + folder + "`.", "",
               "| strategy | seeds | final average accuracy | final stream accuracy | average forgetting | "
               "wall time (s) | stored real images | generator parameters | memory (bytes) |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -537,7 +537,8 @@ def build_report(folder: str, title: Optional[str] = None) -> List[Dict[str, obj
     if checks:
         atomic_write_csv(os.path.join(folder, "targets.csv"), checks)
         seeds = str(next(r["seeds"] for r in rows if r["strategy"] == METHOD))
-        lines += [f"## Targets ({METHOD}, seeds {seeds})", "", "| target | " + METHOD + " | against | margin (points) | |",
+        lines += [f"## Targets ({METHOD}, seeds {seeds})", "",
+                  "| target | " + METHOD + " | against | margin (points) | |",
                   "|---|---|---|---|---|"]
         lines += [f"| {c['target']} | {c['value']:.4f} | {c['reference']:.4f} | {c['margin_points']:+.1f} | "
                   f"{'met' if c['met'] else '**missed**'} |" for c in checks]
@@ -575,14 +576,15 @@ def _cell(value: object) -> str:
     return "n/a" if value == "" else str(value)
 
 
-INDEX_BEGIN = "<!-- comparison table: begin (written by python -m avalanche_drcpsd.report --index {root}) -->"
+INDEX_BEGIN = ("<!-- comparison table: begin (written by python -m avalanche_drcpsd.experiments.report "
+               "--index {root}) -->")
 INDEX_END = "<!-- comparison table: end -->"
 
 
 def comparison_rows(root: str) -> List[Dict[str, object]]:
     """Every ``<root>/<benchmark>/summary.csv`` written by :func:`build_report`, as one list of rows with a
-    ``benchmark`` column (the public benchmarks in their usual order, split then FSCIL, then other folders by name; other
-    summaries are skipped)."""
+    ``benchmark`` column (the public benchmarks in their usual order, split then FSCIL, then other folders by name;
+    other summaries are skipped)."""
     order = SPLIT_BENCHMARKS + FSCIL_BENCHMARKS
     rows: List[Dict[str, object]] = []
     for name in sorted(os.listdir(root), key=lambda n: (order.index(n) if n in order else len(order), n)):
@@ -643,7 +645,8 @@ def update_index(root: str, readme: Optional[str] = None) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m avalanche_drcpsd.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m avalanche_drcpsd.experiments.report",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="a benchmark folder with runs/<strategy>/seed<k>/logs/ (with --index: the "
                                        "folder holding the benchmark folders)")
     parser.add_argument("--title")

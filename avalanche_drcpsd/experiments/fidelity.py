@@ -27,9 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .models import SmallCNN
-from .synthetic_cache import to_uint8
-from .utils import atomic_write
+from ..models import SmallCNN
+from ..synthetic_cache import to_uint8
+from ..utils import atomic_write
 
 __all__ = ["EXTRACTOR_NAME", "train_feature_extractor", "classification_accuracy_score", "fid_kid", "FidelityError"]
 
@@ -46,7 +46,7 @@ def _load_extractor(directory: Union[str, os.PathLike]) -> SmallCNN:
     missing = [n for n in (_WEIGHTS, _SPEC) if not os.path.isfile(os.path.join(directory, n))]
     if missing:
         raise FidelityError(f"feature-extractor directory {directory!r} lacks {missing}; expected a folder written "
-                            "by avalanche_drcpsd.fidelity.train_feature_extractor")
+                            "by avalanche_drcpsd.experiments.fidelity.train_feature_extractor")
     with open(os.path.join(directory, _SPEC), encoding="utf-8") as fh:
         spec = json.load(fh)
     model = SmallCNN(num_classes=spec["num_classes"], in_channels=spec["in_channels"], image_size=spec["image_size"])

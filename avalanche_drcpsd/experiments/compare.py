@@ -6,7 +6,7 @@
 For every (benchmark, strategy, seed) it runs ``run_experiment`` with the profile's shared recipe (classifier,
 epochs, optimiser; ``experiments/<benchmark>_<profile>.json``, whose ``drcpsd`` block configures DR-CPSD) into
 ``<out>/<benchmark>/runs/<strategy>/seed<k>/`` (an Avalanche ``CSVLogger`` folder plus ``run_info.csv``), then
-rebuilds ``<out>/<benchmark>/{summary.csv,report.md,*.png}`` with :mod:`avalanche_drcpsd.report`. A finished
+rebuilds ``<out>/<benchmark>/{summary.csv,report.md,*.png}`` with :mod:`avalanche_drcpsd.experiments.report`. A finished
 run (its ``logs/run_info.csv`` exists) is never rerun, so a killed comparison resumes where it stopped; an
 unfinished DR-CPSD run continues from its last phase checkpoint, an unfinished baseline run (minutes) is cleared
 and starts again.
@@ -25,12 +25,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..config import ConfigError
+from ..data import FSCIL_BENCHMARKS, SPLIT_BENCHMARKS
+from ..utils import atomic_write_text
 from .baselines import names as strategy_names
-from .config import ConfigError
-from .data import FSCIL_BENCHMARKS, SPLIT_BENCHMARKS
 from .report import build_report
 from .run import RUN_INFO, ExperimentConfig, run_experiment
-from .utils import atomic_write_text
 
 __all__ = ["BENCHMARKS", "SEEDS", "EXECUTORS", "GridRun", "GridResult", "profile_config", "plan_grid",
            "execute_run", "run_comparison", "main"]
@@ -62,9 +62,9 @@ def _record_command(folder: str, command: str) -> None:
 
 def ensure_feature_extractor(exp: ExperimentConfig, directory: str) -> str:
     """The benchmark's FID/KID feature extractor, trained once on its whole training set and reused."""
-    from .data import make_benchmark
+    from ..data import make_benchmark
+    from ..utils import dataset_tensors
     from .fidelity import train_feature_extractor
-    from .utils import dataset_tensors
 
     if os.path.isfile(os.path.join(directory, "extractor.json")):
         return directory
