@@ -101,17 +101,17 @@ def test_zero_distillation_weight_builds_no_teacher_and_trains_on_whole_real_bat
 def test_first_steps_apply_to_the_generator_from_scratch_only(mnist_small, monkeypatch, one_thread, order):
     """The first generator phase runs generator_first_steps optimiser steps, the later ones generator_steps,
     whichever order the CPSD phase runs in (it fills the buffer before the generator phase in one of them)."""
-    import avalanche_drcpsd.plugins.generator as gp_module
+    import avalanche_drcpsd.generator_training as training
 
     plugin = _plugin(generator_first_steps=5, generator_steps=2, cpsd_order=order)
     losses = []
-    original = gp_module.ldm_loss
+    original = training.ldm_loss
 
     def spy(*args, **kwargs):  # one LDM loss per generator step (the CPSD phase has its own import)
         losses.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(gp_module, "ldm_loss", spy)
+    monkeypatch.setattr(training, "ldm_loss", spy)
     counts = []
     for k in (0, 1):
         losses.clear()

@@ -45,8 +45,8 @@ from ..captions import caption_prompts, check_captions, load_captions
 from ..config import DRCPSDConfig, check_device
 from ..cpsd import EmbeddingBuffer, cpsd_steps, train_cpsd_projection
 from ..generator import DiffusionGenerator, draw_guidance_scales
+from ..generator_training import DistillationSource, train_generator
 from ..input_space import InputSpace
-from ..losses import generative_distillation_loss, ldm_loss
 from ..synthetic_cache import SyntheticCache, generator_identity, tensor_sha256, to_uint8
 from ..text_encoders import TextEncoder, TextEncoderError, load_text_encoder
 from ..utils import PhaseTimer, dataset_tensors, experience_classes, frozen_copy, is_last_experience, spread_items
@@ -448,81 +448,29 @@ class CPSDGeneratorPlugin(StatefulPlugin):
                         self.buffer.add_captions(cls, proj(caption_tok), prompts)
 
     def train_generator(self, images: Tensor, labels: Tensor, cond_new: Dict[int, Tensor]) -> None:
-        """:meth:`generator_steps` AdamW steps on batches of the new classes' real images (LDM loss) and, when there
-        are old classes, generative distillation against a frozen copy of the generator as it was: its noise
-        predictions on old-class inputs (the replay set, or fresh teacher samples with
-        ``generator_distill_source="fresh"``) under the old classes' embeddings. The batch split and the terms'
-        weights follow ``generator_replay_weighting`` (:meth:`replay_split`); gradient clipping, the learning-rate
-        schedule and the weight EMA follow their ``generator_*`` fields."""
+        """The generator phase: :meth:`generator_steps` steps of
+        :func:`~avalanche_drcpsd.generator_training.train_generator` on the new classes' real images (LDM loss)
+        and, when there are old classes and ``generator_distill_weight > 0``, generative distillation against a
+        frozen copy of the generator as it was: its noise predictions on old-class inputs (the replay set, or
+        fresh teacher samples with ``generator_distill_source="fresh"``) under the old classes' embeddings. The
+        batch split and the terms' weights follow ``generator_replay_weighting`` (:meth:`replay_split`)."""
         c = self.config
-        gen = self.generator
-        device = c.device
         old_classes = self.learned_classes
-        steps = self.generator_steps(list(cond_new))
         fresh = c.generator_distill_source == "fresh"
         # a zero distillation weight is no distillation: no teacher, and the whole batch is the new classes' real
         # images (a zero-weighted replay share would only halve the real batch at the same cost)
-        distill = bool(old_classes) and c.generator_distill_weight > 0 and (fresh or self._replay is not None)
-        teacher = frozen_copy(gen) if distill else None
-        new_ids = sorted(cond_new)
-        emb_new = torch.stack([cond_new[k] for k in new_ids]).to(device)
-        lookup_new = torch.full((int(labels.max()) + 1,), -1, dtype=torch.long)
-        lookup_new[torch.tensor(new_ids)] = torch.arange(len(new_ids))
-        null = self.buffer.null.to(device)
-        b_new, b_old, w_new, w_old = self.replay_split(len(new_ids), len(old_classes) if distill else 0)
-        if teacher is not None:
-            emb_old = self.buffer.stack(old_classes).to(device)
-            lookup_old = torch.full((max(old_classes) + 1,), -1, dtype=torch.long)
-            lookup_old[torch.tensor(old_classes)] = torch.arange(len(old_classes))
-            if not fresh:
-                x_old, y_old = self._replay[2], self._replay[3]
-        real_idx = torch.nonzero(lookup_new[labels] >= 0).flatten()
-        params = list(gen.unet.parameters())
-        optimizer = torch.optim.AdamW(params, lr=c.generator_lr, weight_decay=0.0)
-        schedule = _lr_schedule(optimizer, c.generator_lr_schedule, c.generator_warmup_steps, steps)
-        ema = _weight_ema(params, c.generator_ema_decay)
-        gen.train()
-        bar = tqdm(range(steps), desc=f"exp {self._exp} generator", disable=not self.verbose, leave=False)
-        for step in bar:
-            pick = real_idx[torch.randint(len(real_idx), (b_new,), generator=self.rng)]
-            x = images[pick].to(device)
-            cond = self._drop(emb_new[lookup_new[labels[pick]].to(device)], null)
-            z_t, noise, t = gen.noisy(gen.encode(x), self.rng)
-            loss_new = ldm_loss(gen.predict_noise(z_t, t, cond), noise, gen.snr(t), c.snr_gamma)
-            loss = loss_new * w_new
-            if teacher is not None:
-                if fresh:
-                    cls = torch.tensor(old_classes)[torch.randint(len(old_classes), (b_old,), generator=self.rng)]
-                    z0 = teacher.sample_latents(emb_old[lookup_old[cls]], null, guidance_scale=1.0,
-                                                num_inference_steps=c.generator_teacher_steps, sampler="ddim",
-                                                generator=self.rng)
-                else:
-                    pick = torch.randint(len(y_old), (b_old,), generator=self.rng)
-                    cls = y_old[pick]
-                    z0 = gen.encode(x_old[pick].to(device))
-                cond_o = self._drop(emb_old[lookup_old[cls].to(device)], null)
-                z_t, _, t = gen.noisy(z0, self.rng)
-                with torch.no_grad():
-                    target = teacher.predict_noise(z_t, t, cond_o)
-                loss_gd = generative_distillation_loss(gen.predict_noise(z_t, t, cond_o), target)
-                loss = loss + loss_gd * w_old
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite generator loss ({loss.item()}) at step {step} of experience "
-                                         f"{self._exp}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if c.generator_grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, c.generator_grad_clip)
-            optimizer.step()
-            if schedule is not None:
-                schedule.step()
-            if ema is not None:
-                ema.step(params)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-        if ema is not None:
-            ema.copy_to(params)  # the averaged weights are the generator from now on
-        gen.eval()
+        distill = None
+        if old_classes and c.generator_distill_weight > 0 and (fresh or self._replay is not None):
+            distill = DistillationSource(
+                teacher=frozen_copy(self.generator), classes=list(old_classes),
+                embeddings=self.buffer.stack(old_classes), teacher_steps=c.generator_teacher_steps,
+                images=None if fresh else self._replay[2], labels=None if fresh else self._replay[3])
+        exp = self._exp
+        train_generator(self.generator, images, labels, cond_new, self.buffer.null, c,
+                        steps=self.generator_steps(list(cond_new)),
+                        split=self.replay_split(len(cond_new), len(old_classes) if distill else 0),
+                        rng=self.rng, distill=distill, desc=f"exp {exp} generator", verbose=self.verbose,
+                        on_error=lambda step: f"at step {step} of experience {exp}")
 
     def replay_split(self, n_new: int, n_old: int) -> Tuple[int, int, float, float]:
         """``(b_new, b_old, w_new, w_old)``: real and replay images per generator step and the weights of the LDM
@@ -547,31 +495,3 @@ class CPSDGeneratorPlugin(StatefulPlugin):
         b_old = min(max(round(batch * fraction), 1), batch - 1)
         b_new = batch - b_old
         return b_new, b_old, b_new / batch, c.generator_distill_weight * b_old / batch
-
-    def _drop(self, cond: Tensor, null: Tensor) -> Tensor:
-        """Classifier-free guidance training: replace each condition by the null one with p = cond_dropout."""
-        p = self.config.cond_dropout
-        if p <= 0:
-            return cond
-        mask = (torch.rand(cond.shape[0], generator=self.rng) < p).to(cond.device).view(-1, 1, 1)
-        return torch.where(mask, null.expand_as(cond), cond)
-
-
-def _lr_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup: int, steps: int):
-    """diffusers' ``get_scheduler`` for the generator phase (None: a constant rate with no warm-up)."""
-    from diffusers.optimization import get_scheduler
-
-    if kind == "constant" and warmup == 0:
-        return None
-    name = "cosine" if kind == "cosine" else "constant_with_warmup"
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(steps, 1))
-
-
-def _weight_ema(params: Sequence[torch.nn.Parameter], decay: float):
-    """diffusers' ``EMAModel`` over ``params`` with warm-up (decay ``1 - (1 + step)^(-2/3)``, capped at ``decay``);
-    None when ``decay`` is 0."""
-    if decay <= 0:
-        return None
-    from diffusers.training_utils import EMAModel
-
-    return EMAModel(params, decay=decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
