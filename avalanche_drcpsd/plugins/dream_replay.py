@@ -33,7 +33,6 @@ the original code (isaacNingLee/CPSD 769e79b) are listed in :data:`avalanche_drc
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import warnings
 from typing import Callable, Optional, Protocol, Sequence, Set, Tuple
@@ -42,12 +41,12 @@ import torch
 from avalanche.evaluation.metric_results import MetricValue
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
 from ..augment import reference_classifier_augment
 from ..config import CHOICES
 from ..features import check_single_task, classify, forward_with_features
 from ..losses import balanced_kappa, isolation_loss, logit_distillation_loss
+from ..replay_training import train_student
 from ..utils import PhaseTimer, experience_classes, interpolate_state_dicts
 from .base import StatefulPlugin
 from .distill import DistillPlugin
@@ -288,44 +287,23 @@ class DreamReplayPlugin(StatefulPlugin):
                 f"{steps} paired batches); under {FEW_REPLAY_STEPS} the averaged student may not fit and may erase "
                 f"the newest classes. Raise replay_epochs or set replay_min_steps (e.g. {FEW_REPLAY_STEPS}).",
                 stacklevel=2)
-        bar = tqdm(total=steps * epochs, desc=f"exp {exp} replay", disable=not self.verbose, leave=False)
-        trace: dict = {}
-        for _ in range(epochs):
-            for (xr, yr, *_), (xs, ys) in itertools.islice(zip(_cycle(real), _cycle(syn)), steps):
-                xr, yr = xr.to(device), yr.to(device)
-                xs, ys = xs.to(device), ys.to(device)
-                if self.augment == "reference":
-                    xs = reference_classifier_augment(xs)
-                if self.syn_transform is not None:
-                    xs = self.syn_transform(xs)
-                logits, h = forward_with_features(model, torch.cat([xs, xr]), self.distill.feature_layer)
-                n = xs.shape[0]
-                ce = isolation_loss(logits[:n], ys, logits[n:], yr, kappa)
-                kd = self.distill.replay_loss(h[:n], xs, h[n:], xr)
-                terms = {"isolation": ce, "distill": kd}
-                if self.kd_weight > 0:
-                    with torch.no_grad():
-                        z_old = classify(self.distill.old_teacher, torch.cat([xs, xr]))
-                    terms["logit_kd"] = logit_distillation_loss(logits, z_old, old_classes, self.kd_temperature)
-                loss = ce + kd + self.kd_weight * terms.get("logit_kd", 0.0)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite replay loss ({loss.item()}) in experience "
-                        f"{strategy.experience.current_experience}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip or float("inf"))
-                before = [p.detach().clone() for p in model.parameters()] if self.step_ema is not None else None
-                optimizer.step()
-                if before is not None:
-                    with torch.no_grad():
-                        for p, b in zip(model.parameters(), before):
-                            p.lerp_(b, 1.0 - self.step_ema)  # a * after + (1 - a) * before
-                for name, value in {**terms, "grad_norm": norm}.items():
-                    trace.setdefault(name, []).append(float(value.detach()))
-                self.replayed_batches += 1
-                bar.update(1)
-        bar.close()
+        def loss(xs, ys, xr, yr):
+            logits, h = forward_with_features(model, torch.cat([xs, xr]), self.distill.feature_layer)
+            n = xs.shape[0]
+            ce = isolation_loss(logits[:n], ys, logits[n:], yr, kappa)
+            kd = self.distill.replay_loss(h[:n], xs, h[n:], xr)
+            terms = {"isolation": ce, "distill": kd}
+            if self.kd_weight > 0:
+                with torch.no_grad():
+                    z_old = classify(self.distill.old_teacher, torch.cat([xs, xr]))
+                terms["logit_kd"] = logit_distillation_loss(logits, z_old, old_classes, self.kd_temperature)
+            return ce + kd + self.kd_weight * terms.get("logit_kd", 0.0), terms
+
+        trace = train_student(model, real, syn, loss, optimizer, steps=steps, epochs=epochs, device=device,
+                              syn_transform=self.synthetic_transform(), grad_clip=self.grad_clip,
+                              step_ema=self.step_ema, desc=f"exp {exp} replay", verbose=self.verbose,
+                              on_error=f" in experience {exp}")
+        self.replayed_batches += steps * epochs
         for teacher in teachers:
             teacher.eval()
         self.stats[exp] = {f"{k}_{name}": agg(v) for k, v in trace.items()
@@ -335,6 +313,19 @@ class DreamReplayPlugin(StatefulPlugin):
         for key, value in self.stats[exp].items():
             strategy.evaluator.publish_metric_value(
                 MetricValue(self, f"Replay/{key}/Exp{exp:03d}", value, strategy.clock.train_iterations))
+
+    def synthetic_transform(self) -> Optional[Callable[[Tensor], Tensor]]:
+        """What the synthetic half of each paired batch goes through: the original code's classifier augmentation
+        (``augment="reference"``), then ``syn_transform``."""
+        if self.augment != "reference":
+            return self.syn_transform
+        then = self.syn_transform
+
+        def transform(x: Tensor) -> Tensor:
+            x = reference_classifier_augment(x)
+            return then(x) if then is not None else x
+
+        return transform
 
     def initial_student(self, old_teacher, new_teacher) -> dict:
         """The student's initial state: :math:`(1-\alpha)\theta_{old} + \alpha\theta_{new}` for the weights
@@ -393,9 +384,3 @@ class DreamReplayPlugin(StatefulPlugin):
         if self.replay_lr is not None:
             defaults["lr"] = self.replay_lr
         return type(opt)(strategy.model.parameters(), **defaults)
-
-
-def _cycle(loader: DataLoader):
-    """Endless iteration that reshuffles at every pass (unlike itertools.cycle, which replays one order)."""
-    while True:
-        yield from loader
