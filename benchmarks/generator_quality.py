@@ -21,6 +21,9 @@ settings (guidance scale, sampler steps, images per class), each class once righ
 ``<variant>@NAME``. One training run then screens the sampling settings: the generator's training never reads
 its kept sets (with ``generator_distill_weight=0``, the CPU profiles' setting).
 
+``--rescore SETS --cas-seeds 0,1,2,3,4`` trains nothing: it measures the CAS of saved sets once per CAS classifier
+seed, to separate a set's quality from the CAS classifier's own seed.
+
 ``--iid`` is the bound without forgetting: one experience holding every class, with the generator steps of all
 experiences together (the same budget).
 
@@ -297,6 +300,11 @@ def main(argv=None) -> int:
     parser.add_argument("--summarise", type=int, metavar="K", default=None,
                         help="train nothing: upsert the ablation rows of every variant CSV of --benchmark (finished or "
                              "partial) after K experiences (0: after each one's last)")
+    parser.add_argument("--rescore", metavar="SETS", default=None,
+                        help="train nothing: the CAS of a saved <variant>_sets.pt (its benchmark's real test set) "
+                             "with each seed of --cas-seeds, per class: mean, std, min, max over the seeds; writes "
+                             "<SETS without _sets.pt>_cas_seeds.csv")
+    parser.add_argument("--cas-seeds", default="0,1,2,3,4", help="with --rescore: the CAS classifier's seeds")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (one line per experience)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -309,6 +317,10 @@ def main(argv=None) -> int:
         parser.error(f"unknown variant(s) {unknown}; expected some of {sorted(variants)}")
     if args.summarise is not None:
         _summarise_folder(args, variants)
+        return 0
+    if args.rescore is not None:
+        rescore(args.rescore, [int(v) for v in args.cas_seeds.split(",") if v.strip()], data_root=args.data_root,
+                profile=args.profile, cas_epochs=args.cas_epochs)
         return 0
     os.makedirs(args.out, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -334,6 +346,35 @@ def main(argv=None) -> int:
     return 0
 
 
+def rescore(path: str, seeds: List[int], *, data_root: str, profile: str, cas_epochs: int) -> List[Dict[str, Any]]:
+    """CAS per class of the sets saved at ``path`` with each CAS classifier seed: how much of a class's CAS is the
+    CAS classifier's own seed. Writes ``<path without _sets.pt>_cas_seeds.csv`` (one row per class) and returns
+    its rows."""
+    sets = torch.load(path, weights_only=False)
+    name = sets["benchmark"]
+    if name == "default":
+        exp = default_experiment()
+    else:
+        exp = profile_config(name, profile, data_root, experiments=os.path.join(HERE, "..", "experiments"))
+    benchmark = make_benchmark(exp.benchmark, exp.data_root, seed=sets["seed"], **exp.benchmark_args)
+    _, (x_test, y_test) = _streams(benchmark, iid=False)
+    x, y = sets["images"].float() / 255, sets["labels"]
+    per_seed = [classification_accuracy_score(x, y, x_test, y_test, epochs=cas_epochs, seed=s) for s in seeds]
+    rows = []
+    for k in sorted(per_seed[0]):
+        v = np.array([c[k] for c in per_seed])
+        rows.append({"benchmark": name, "variant": sets["variant"], "class": k, "cas_mean": round(float(v.mean()), 4),
+                     "cas_std": round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 4),
+                     "cas_min": round(float(v.min()), 4), "cas_max": round(float(v.max()), 4),
+                     "cas_seeds": " ".join(f"{c:.3f}" for c in v)})
+    atomic_write_csv(path.removesuffix("_sets.pt") + "_cas_seeds.csv", rows)
+    means = [r["cas_mean"] for r in rows]
+    print(f"[{sets['variant']}] CAS over {len(seeds)} seeds: mean {np.mean(means):.3f}, min class mean "
+          f"{min(means):.3f}; per class " + " ".join(f"{r['class']}:{r['cas_mean']:.3f}+-{r['cas_std']:.3f}"
+                                                      for r in rows), flush=True)
+    return rows
+
+
 def _summarise_folder(args, variants: Dict[str, Dict[str, Any]]) -> None:
     """``--summarise K``: ablation rows from the CSVs already written (a killed run's ``.partial.csv`` too)."""
     folder = os.path.join(args.out, args.benchmark)
@@ -349,10 +390,12 @@ def _summarise_folder(args, variants: Dict[str, Dict[str, Any]]) -> None:
             print(f"{name}: {done} experience(s), fewer than {args.summarise}: skipped")
             continue
         variant = rows[0]["variant"]
-        base = variant.split("+")[0].removesuffix("_iid")
+        base, _, draw = variant.partition("@")  # a --draw alternative's fields are not in its name: named only
+        base = base.split("+")[0].removesuffix("_iid")
         base = base.split("_first")[0] if base not in variants else base
-        row = summarise(rows, iid=variant.endswith("_iid"), threads=args.threads,
-                        overrides=variants.get(base, {}), upto=args.summarise)
+        overrides = {**variants.get(base, {}), **({"draw": draw} if draw else {})}
+        row = summarise(rows, iid=variant.endswith("_iid"), threads=args.threads, overrides=overrides,
+                        upto=args.summarise)
         upsert_ablation(os.path.join(args.out, "ablation.csv"), row)
         if name.endswith(".partial.csv"):
             rows_done = [r for r in rows if int(r["experience"]) < row["experiences"]]
