@@ -8,7 +8,7 @@ Models (random weights: speed does not depend on their values), built in this pr
 
 * ``offline``: the package's default generator (``DiffusionGenerator`` with ``DRCPSDConfig``'s defaults: UNet
   (32, 64, 64), 2x2 space-to-depth patches, 64-d text states) for 1x28x28 (the main job) and 3xSxS per ``--sizes``;
-* ``sd``: a small Stable-Diffusion-shaped latent model (:func:`avalanche_drcpsd.sd.save_random_pipeline`: VAE with
+* ``sd``: a small Stable-Diffusion-shaped latent model (:func:`save_random_pipeline` below: VAE with
   factor 8 and 4 latent channels, 4-level UNet with cross-attention on all levels but the last, 2 layers per block,
   a CLIP text encoder) at each ``--sizes`` S (default 32 and 64 px), loaded from its pipeline directory.
 
@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence, Union
 
 import diffusers
 import torch
@@ -43,10 +44,66 @@ from diffusers import DDPMScheduler
 
 from avalanche_drcpsd.config import DRCPSDConfig
 from avalanche_drcpsd.generator import DiffusionGenerator
-from avalanche_drcpsd.sd import StableDiffusionGenerator, parse_dtype, save_random_pipeline
+from avalanche_drcpsd.sd import StableDiffusionGenerator, parse_dtype
 from avalanche_drcpsd.utils import atomic_write_csv
 
 DIFFUSERS_DEFAULT_STEPS, DIFFUSERS_DEFAULT_GUIDANCE = 50, 7.5
+
+
+
+def save_random_pipeline(
+    directory: Union[str, os.PathLike],
+    *,
+    resolution: int = 16,
+    unet_channels: Sequence[int] = (16, 32),
+    layers_per_block: int = 1,
+    vae_channels: Sequence[int] = (8, 16),
+    text_hidden_size: int = 32,
+    text_layers: int = 1,
+    attention_head_dim: int = 4,
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+) -> Path:
+    """Write a Stable-Diffusion-shaped pipeline with RANDOM weights (for tests and timing, never for images): an
+    ``AutoencoderKL`` (4 latent channels, factor ``2**(len(vae_channels)-1)``), a ``UNet2DConditionModel`` with
+    cross-attention on every level but the last (as SD), a ``CLIPTextModel`` with the real CLIP BPE tokenizer
+    (built offline from open_clip's vocabulary), and SD's ``PNDMScheduler`` (scaled-linear betas 0.00085-0.012),
+    assembled into a ``StableDiffusionPipeline`` and saved with ``save_pretrained``. Nothing is downloaded."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from avalanche_drcpsd.text_encoders import CLIP_CONTEXT_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer
+
+    groups = 8 if all(c % 8 == 0 for c in (*unet_channels, *vae_channels)) else 1
+    factor = 2 ** (len(vae_channels) - 1)
+    levels = len(unet_channels)
+    down = tuple("CrossAttnDownBlock2D" if i < levels - 1 or levels == 1 else "DownBlock2D" for i in range(levels))
+    up = tuple(d.replace("Down", "Up") for d in reversed(down))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(vae_channels),
+                            down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+                            up_block_types=("UpDecoderBlock2D",) * len(vae_channels), layers_per_block=1,
+                            norm_num_groups=groups, sample_size=resolution)
+        unet = UNet2DConditionModel(sample_size=resolution // factor, in_channels=4, out_channels=4,
+                                    block_out_channels=tuple(unet_channels), layers_per_block=layers_per_block,
+                                    down_block_types=down, up_block_types=up, cross_attention_dim=text_hidden_size,
+                                    attention_head_dim=attention_head_dim, norm_num_groups=groups)
+        tokenizer = build_clip_tokenizer()
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE, hidden_size=text_hidden_size, intermediate_size=4 * text_hidden_size,
+            num_hidden_layers=text_layers, num_attention_heads=max(1, text_hidden_size // 64),
+            max_position_embeddings=CLIP_CONTEXT_LENGTH, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    out = Path(os.fspath(directory))
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out
 
 
 def _sync(device: torch.device) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +28,6 @@ from avalanche_drcpsd.sd import (
     load_generator,
     parse_dtype,
     pipeline_fingerprint,
-    save_random_pipeline,
     to_classifier_images,
     to_pipeline_images,
 )
@@ -343,7 +343,14 @@ def test_config_generator_options(sd_dir):
 
 
 def test_random_pipeline_builder_used_by_the_benchmark(tmp_path):
-    directory = save_random_pipeline(tmp_path / "rand", resolution=16, unet_channels=(8, 16, 16),
+    """benchmarks/generation_speed.py's random SD-shaped pipeline (timing only: it lives with the benchmark)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "generation_speed", Path(__file__).resolve().parents[1] / "benchmarks" / "generation_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    directory = module.save_random_pipeline(tmp_path / "rand", resolution=16, unet_channels=(8, 16, 16),
                                      vae_channels=(8, 8, 8, 8), text_hidden_size=16)
     gen = StableDiffusionGenerator.from_pretrained(directory)
     assert gen.vae_scale_factor == 8 and gen.latent_shape == (4, 2, 2)  # SD's factor 8
