@@ -456,8 +456,6 @@ class DRCPSDConfig:
             if not isinstance(self.synthetic_cache_dir, str) or not self.synthetic_cache_dir \
                     or "\x00" in self.synthetic_cache_dir:
                 raise ConfigError(f"synthetic_cache_dir={self.synthetic_cache_dir!r} must be a non-empty path or None")
-            if os.path.exists(self.synthetic_cache_dir) and not os.path.isdir(self.synthetic_cache_dir):
-                raise ConfigError(f"synthetic_cache_dir={self.synthetic_cache_dir!r} exists and is not a directory")
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device={self.device!r}; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
         return self
@@ -479,7 +477,7 @@ class DRCPSDConfig:
         if "preset" in values:
             values = dict(values)
             preset = values.pop("preset")
-            if preset not in PRESETS:
+            if not isinstance(preset, str) or preset not in PRESETS:
                 raise ConfigError(f"preset={preset!r} is not valid; expected one of {list(PRESETS)}")
             values = {**PRESETS[preset], **values}
         return build_from_fields(cls, values, "config")

@@ -256,3 +256,10 @@ def test_from_dict_only_raises_config_error(values):
             raise AssertionError(f"{key}=nan was accepted")
         else:
             assert got == value, (key, value, got)
+
+
+@pytest.mark.parametrize("preset", [[], {}, 3, None])
+def test_a_preset_that_is_not_a_name_is_a_config_error(preset):
+    """Found by the JSON fuzzer: an unhashable preset raised TypeError instead of naming itself."""
+    with pytest.raises(ConfigError, match=r"preset=.* is not valid; expected one of \['reference'\]"):
+        DRCPSDConfig.from_dict({"preset": preset})

@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from avalanche_drcpsd import CPSDGeneratorPlugin, DRCPSDConfig, EmbeddingBuffer
-from avalanche_drcpsd.config import ConfigError
 from avalanche_drcpsd.generator import DiffusionGenerator
 from avalanche_drcpsd.synthetic_cache import (
     CacheWriteError,
@@ -184,8 +183,10 @@ def test_bad_inputs(tmp_path):
         SyntheticCache(tmp_path, on_corrupt="ignore")
     with pytest.raises(SyntheticCacheError, match=r"image_shape \(1, 6, 5\)"):
         SyntheticCache(tmp_path).save(0, _settings(), torch.rand(4, 3, 6, 5), torch.zeros(4))
-    with pytest.raises(ConfigError, match="synthetic_cache_dir=.*not a directory"):
-        DRCPSDConfig(synthetic_cache_dir=str(tmp_path / "file"))
+    # the config checks the value, the plugin the file system (when it opens the cache, before any training)
+    config = DRCPSDConfig(synthetic_cache_dir=str(tmp_path / "file"))
+    with pytest.raises(SyntheticCacheError, match="file' exists and is not a directory"):
+        CPSDGeneratorPlugin(config)
     assert DRCPSDConfig(synthetic_cache_dir=tmp_path / "c").synthetic_cache_dir == str(tmp_path / "c")
 
 
