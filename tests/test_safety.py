@@ -225,7 +225,7 @@ def test_non_finite_classifier_loss_stops_the_run(tmp_path, monkeypatch):
 
 
 def test_non_finite_generator_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import avalanche_drcpsd.plugins.generator as G
+    import avalanche_drcpsd.generator_training as G  # the generator phase's loop
 
     real = G.ldm_loss
     monkeypatch.setattr(G, "ldm_loss", lambda *a, **k: real(*a, **k) * float("nan"))
