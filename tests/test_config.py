@@ -254,6 +254,8 @@ def test_from_dict_only_raises_config_error(values):
             assert list(got) == [float(v) for v in value] if key == "guidance_scale" else list(got) == value
         elif isinstance(value, float) and math.isnan(value):
             raise AssertionError(f"{key}=nan was accepted")
+        elif key in ("input_mean", "input_std") and isinstance(value, (int, float)):
+            assert got == (float(value),), (key, value, got)  # one value for every channel
         else:
             assert got == value, (key, value, got)
 
