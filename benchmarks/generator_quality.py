@@ -76,6 +76,14 @@ def load_variants(path: str = VARIANTS_FILE) -> Dict[str, Dict[str, Any]]:
         return {k: v for k, v in json.load(fh).items() if not k.startswith("_")}
 
 
+def experiment_for(benchmark_name: str, profile: str, data_root: str):
+    """The recipe a benchmark's sets are made and measured with: ``default`` is the main job's (embedded data, its
+    DR-CPSD settings), any other name the profile ``experiments/<benchmark>_<profile>.json``."""
+    if benchmark_name == "default":
+        return default_experiment()
+    return profile_config(benchmark_name, profile, data_root, experiments=os.path.join(HERE, "..", "experiments"))
+
+
 def _streams(benchmark, iid: bool):
     """``[(images, labels)]`` per training experience (one holding all of them with ``iid``), and the test set."""
     train = [dataset_tensors(e.dataset.eval()) for e in benchmark.train_stream]
@@ -92,10 +100,7 @@ def run_variant(benchmark_name: str, variant: str, overrides: Dict[str, Any], *,
     (alternative name -> sampling fields of ``DRCPSDConfig``) also a kept set per alternative, each class drawn
     once right after it is learned with those fields. One ablation row per set."""
     draws = draws or {}
-    if benchmark_name == "default":  # the main job's embedded data and its DR-CPSD settings
-        exp = default_experiment()
-    else:
-        exp = profile_config(benchmark_name, profile, data_root, experiments=os.path.join(HERE, "..", "experiments"))
+    exp = experiment_for(benchmark_name, profile, data_root)
     config = exp.drcpsd.replace(**overrides, seed=seed)
     benchmark = make_benchmark(exp.benchmark, exp.data_root, seed=seed, **exp.benchmark_args)
     train, (x_test, y_test) = _streams(benchmark, iid)
@@ -352,10 +357,7 @@ def rescore(path: str, seeds: List[int], *, data_root: str, profile: str, cas_ep
     its rows."""
     sets = torch.load(path, weights_only=False)
     name = sets["benchmark"]
-    if name == "default":
-        exp = default_experiment()
-    else:
-        exp = profile_config(name, profile, data_root, experiments=os.path.join(HERE, "..", "experiments"))
+    exp = experiment_for(name, profile, data_root)
     benchmark = make_benchmark(exp.benchmark, exp.data_root, seed=sets["seed"], **exp.benchmark_args)
     _, (x_test, y_test) = _streams(benchmark, iid=False)
     x, y = sets["images"].float() / 255, sets["labels"]

@@ -34,14 +34,12 @@ import torch
 from torch import Tensor
 
 from avalanche_drcpsd.data import make_benchmark
-from avalanche_drcpsd.experiments.compare import profile_config
-from avalanche_drcpsd.experiments.run import default_experiment
 from avalanche_drcpsd.models import make_classifier
 from avalanche_drcpsd.strategy import DRCPSD
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from generator_quality import load_variants, parse_sets  # noqa: E402  (a sibling script)
+from generator_quality import experiment_for, load_variants, parse_sets  # noqa: E402  (a sibling script)
 
 VARIANTS_FILE = os.path.join(HERE, "replay_variants.json")
 FIELDS = ["sets", "variant", "seed", "final_average_accuracy", "per_experience", "replay_s", "wall_s", "overrides"]
@@ -76,8 +74,7 @@ def run_one(sets: Dict[str, Any], overrides: Dict[str, Any], *, seed: int, data_
     overrides = dict(overrides)
     top = overrides.pop("_experiment", {})
     name = sets["benchmark"]
-    exp = default_experiment() if name == "default" else profile_config(
-        name, "cpu", data_root, experiments=os.path.join(HERE, "..", "experiments"))
+    exp = experiment_for(name, "cpu", data_root)
     exp = replace(exp, seed=seed, **top)
     cfg = exp.drcpsd.replace(**overrides, seed=seed, gap_samples_per_class=0)
     torch.manual_seed(seed)
