@@ -4,7 +4,7 @@ from .config import ConfigError, DRCPSDConfig
 from .cpsd import CPSDProjection, EmbeddingBuffer
 from .generator import DiffusionGenerator
 from .logging import MetricsCSVLogger
-from .plugins import CPSDGeneratorPlugin, DistillPlugin, DreamReplayPlugin, MMDPlugin, SeenClassMaskPlugin
+from .plugins import CPSDGeneratorPlugin, DistillPlugin, DRCPSDPlugin, DreamReplayPlugin, MMDPlugin, SeenClassMaskPlugin
 from .sd import StableDiffusionGenerator, load_generator
 from .strategy import DRCPSD
 from .synthetic_cache import SyntheticCache
@@ -20,6 +20,7 @@ __all__ = [
     "MMDPlugin",
     "DistillPlugin",
     "SeenClassMaskPlugin",
+    "DRCPSDPlugin",
     "DiffusionGenerator",
     "CPSDProjection",
     "EmbeddingBuffer",

@@ -6,21 +6,31 @@
 * :class:`MMDPlugin`: the real-vs-synthetic gap per class as a metric.
 
 The classifier phase is the template's ordinary training loop on the current experience's real data.
-The wall time of every phase is published as ``PhaseTime/<phase>/Exp<eee>`` metric values.
+
+**Phases.** One experience runs the named phases of :data:`~avalanche_drcpsd.utils.PHASES`: *generation* (the
+replay set, in ``before_training_exp``), *classifier*, *generator* and *CPSD* (in ``cpsd_order``), *replay*. The
+strategy's :class:`~avalanche_drcpsd.utils.PhaseTimer` times each and announces it to every plugin as
+``before_<phase>(strategy, experience=...)`` / ``after_<phase>(strategy, experience=...)``, the way the template
+announces its own steps; the wall time of every phase is published as ``PhaseTime/<phase>/Exp<eee>`` metric values.
+:meth:`DRCPSD.train_from` finishes an experience from the end of any phase (a resumed run skips the phases it had
+done).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.training.templates import SupervisedTemplate
+from avalanche.training.utils import trigger_plugins
 from safetensors.torch import save_file
 from torch import nn
 
 from .config import DRCPSDConfig, check_device
+from .plugins.base import DRCPSDPlugin
 from .plugins.distill import DistillPlugin
 from .plugins.dream_replay import DreamReplayPlugin
 from .plugins.generator import CPSDGeneratorPlugin
@@ -43,6 +53,9 @@ class DRCPSD(SupervisedTemplate):
             strategy.train(experience)
             strategy.eval(benchmark.test_stream)
     """
+
+    #: the plugins' interface: Avalanche's supervised callbacks and those of DR-CPSD's phases
+    PLUGIN_CLASS = DRCPSDPlugin
 
     def __init__(
         self,
@@ -80,6 +93,7 @@ class DRCPSD(SupervisedTemplate):
         super().__init__(model=model, optimizer=optimizer,
                          criterion=criterion if criterion is not None else nn.CrossEntropyLoss(),
                          plugins=own + list(plugins or []), **template_kwargs)
+        self.timer.strategy = self  # the phases are announced to the plugins from now on
         # fail on a bad encoder or generator path now, before any training
         self.generator_plugin.setup()
 
@@ -103,6 +117,66 @@ class DRCPSD(SupervisedTemplate):
             if seconds is not None:
                 self.evaluator.publish_metric_value(
                     MetricValue(self, f"PhaseTime/{phase}/Exp{exp:03d}", seconds, self.clock.train_iterations))
+
+    def train_from(self, experience, phase: str, *, restore: Callable[[], None] = lambda: None,
+                   new_classes: Optional[Iterable[int]] = None) -> None:
+        """Finish training on ``experience`` from the end of ``phase``: the template's ``train(experience)``
+        without the phases before and including ``phase`` (one of :data:`~avalanche_drcpsd.utils.PHASES`), e.g. a
+        run resumed from the checkpoint written when ``phase`` ended.
+
+        The strategy is set up for the experience as ``train`` would (data, loader, model and optimiser), without
+        the plugin callbacks of the phases done; then ``restore()`` runs (the state of the run at the end of
+        ``phase`` goes in there, random states included), then the remaining phases with their callbacks.
+
+        :param experience: the experience being trained.
+        :param phase: the last phase done.
+        :param restore: puts the run's state at the end of ``phase`` into this strategy.
+        :param new_classes: the classes the generator and CPSD phases learn in this experience (those the generator
+            plugin had not learned before its classifier phase); needed when ``phase`` is ``"generator"`` or
+            ``"cpsd"``, as the plugin's state at that point already holds some of them.
+        """
+        from avalanche.training.templates.base import _group_experiences_by_stream
+
+        gp = self.generator_plugin
+        if phase not in PHASES:
+            raise ValueError(f"phase={phase!r}: expected one of {PHASES}")
+        order = gp.learning_phases()
+        if phase in order and new_classes is None:
+            raise ValueError(f"train_from(phase={phase!r}) needs new_classes: the classes this experience learns")
+        self.is_training = True
+        self._stop_training = False
+        self.model.train()
+        self.model.to(self.device)
+        self._eval_streams = _group_experiences_by_stream([[experience]])
+        self.experience = experience
+        self.train_dataset_adaptation()
+        self.make_train_dataloader()
+        self.check_model_and_optimizer()
+        gp.setup()
+        images = labels = None
+        if phase in order:
+            images, labels = gp.experience_pixels(experience)
+        restore()
+        plugins = self.plugins
+        after = plugins[plugins.index(gp) + 1:]  # the generator plugin draws the replay set and learns the classes
+        if phase == "generation":
+            with _only_plugins(self, after):
+                trigger_plugins(self, "before_training_exp")
+            self._train_exp(experience, [[experience]])
+            self._after_training_exp()
+        elif phase == "classifier":
+            self._after_training_exp()
+        elif phase in order:
+            gp.learn_classes(images, labels, new=sorted(int(c) for c in new_classes),
+                             done=order[:order.index(phase) + 1])
+            with _only_plugins(self, after):
+                self._after_training_exp()
+        else:  # replay
+            with _only_plugins(self, plugins[plugins.index(self.replay_plugin) + 1:]):
+                self._after_training_exp()
+        self._after_training()
+        self._train_cleanup()
+        self.is_training = False
 
     def save(self, directory: Union[str, os.PathLike]) -> None:
         """The run's learned state: ``classifier.safetensors``, ``generator/`` and ``embeddings.safetensors``.
@@ -144,6 +218,17 @@ class DRCPSD(SupervisedTemplate):
         if os.path.isfile(buffer_path):
             self.generator_plugin.buffer = EmbeddingBuffer.load(buffer_path)
         self.generator_plugin.setup()
+
+
+@contextlib.contextmanager
+def _only_plugins(strategy, plugins: Sequence):
+    """Run the callbacks of ``plugins`` only (a part of the strategy's list) inside the block."""
+    saved = strategy.plugins
+    strategy.plugins = list(plugins)
+    try:
+        yield
+    finally:
+        strategy.plugins = saved
 
 
 def _save_generator_atomically(generator, target: str) -> None:

@@ -187,29 +187,39 @@ def _umask() -> int:
 
 #: DR-CPSD's named phases of one experience, in the order they run: the replay set is drawn before the classifier
 #: trains (``before_training_exp``), then the generator and CPSD learn the new classes and dream replay trains the
-#: student (``after_training_exp``). :class:`PhaseTimer` keys, ``PhaseTime/<phase>`` metrics and checkpoints use
-#: these names.
+#: student (``after_training_exp``). :class:`PhaseTimer` keys, ``PhaseTime/<phase>`` metrics, the
+#: ``before_<phase>`` / ``after_<phase>`` plugin callbacks and checkpoints use these names.
 PHASES = ("generation", "classifier", "generator", "cpsd", "replay")
 
 
 class PhaseTimer:
-    """Wall time per (experience, phase), e.g. ``with timer("generator", exp=2): ...``.
+    """Runs, times and announces the named phases: ``with timer("generator", exp=2): ...``.
 
-    ``listeners``: objects told about phase boundaries, ``phase_started(phase, exp)`` when a phase begins and
-    ``phase_ended(phase, exp)`` when it ends without an error (after its time is recorded); the run's
-    checkpointer is one. An exception escaping a phase gets a ``drcpsd_phase = (exp, phase)`` attribute (the
-    innermost phase), so the error can be reported with the phase and experience it happened in."""
+    Wall time is kept per (experience, phase). With ``strategy`` set (:class:`~avalanche_drcpsd.strategy.DRCPSD`
+    sets itself), every phase is announced to the strategy's plugins as Avalanche's templates announce their steps
+    (``trigger_plugins``): ``before_<phase>(strategy, experience=exp)`` as it begins and
+    ``after_<phase>(strategy, experience=exp)`` when it ends without an error (after its time is recorded); the
+    run's checkpoint plugin listens to these. An exception escaping a phase gets a ``drcpsd_phase = (exp, phase)``
+    attribute (the innermost phase), so the error can be reported with the phase and experience it happened in.
 
-    def __init__(self) -> None:
+    :param strategy: the strategy whose plugins hear the phases; None (plugins used on their own) announces
+        nothing.
+    """
+
+    def __init__(self, strategy: Any = None) -> None:
         self.seconds: Dict[Tuple[int, str], float] = defaultdict(float)
-        self.listeners: List[Any] = []
+        self.strategy = strategy
         self.active: List[Tuple[int, str]] = []
+
+    def _announce(self, event: str, exp: int) -> None:
+        if self.strategy is not None:
+            from avalanche.training.utils import trigger_plugins
+
+            trigger_plugins(self.strategy, event, experience=exp)
 
     @contextlib.contextmanager
     def __call__(self, phase: str, exp: int) -> Iterator[None]:
-        for listener in list(self.listeners):
-            if hasattr(listener, "phase_started"):
-                listener.phase_started(phase, exp)
+        self._announce(f"before_{phase}", exp)
         start = time.perf_counter()
         self.active.append((exp, phase))
         try:
@@ -222,16 +232,14 @@ class PhaseTimer:
         finally:
             self.active.pop()
             self.seconds[(exp, phase)] += time.perf_counter() - start
-        for listener in list(self.listeners):
-            if hasattr(listener, "phase_ended"):
-                listener.phase_ended(phase, exp)
+        self._announce(f"after_{phase}", exp)
 
     def total(self, phase: str) -> float:
         return sum(v for (_, p), v in self.seconds.items() if p == phase)
 
     def state_dict(self) -> Dict[str, Any]:
-        """The seconds spent so far, ``{"seconds": [[experience, phase, seconds], ...]}`` (listeners are wiring,
-        not state)."""
+        """The seconds spent so far, ``{"seconds": [[experience, phase, seconds], ...]}`` (the strategy is
+        wiring, not state)."""
         return {"seconds": [[int(e), str(p), float(v)] for (e, p), v in self.seconds.items()]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:

@@ -20,7 +20,8 @@ from torch import nn
 
 from avalanche_drcpsd import DRCPSD, CPSDGeneratorPlugin, DistillPlugin, DreamReplayPlugin, MMDPlugin
 from avalanche_drcpsd.models import SmallCNN
-from avalanche_drcpsd.utils import experience_classes
+from avalanche_drcpsd.plugins import DRCPSDPlugin
+from avalanche_drcpsd.utils import PHASES, experience_classes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -284,3 +285,53 @@ def test_ids_from_zero_in_each_experience_draw_a_warning(avalanche_root):
     with pytest.warns(UserWarning, match=r"experience 1 holds only classes the generator has learned already "
                                          r"\(\[0, 1\]\).*class_ids_from_zero_in_each_exp"):
         strategy.train(stream.train_stream[1])
+
+
+class _PhaseRecorder(DRCPSDPlugin):
+    """Records the phases DRCPSD announces, as ``(experience, event)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+        for phase in PHASES:
+            for when in ("before", "after"):
+                setattr(self, f"{when}_{phase}", self._recorder(f"{when}_{phase}"))
+
+    def _recorder(self, event):
+        def record(strategy, experience, **kwargs):
+            assert strategy.experience.current_experience == experience
+            self.events.append((experience, event))
+        return record
+
+
+def test_drcpsd_announces_every_phase_to_its_plugins_before_and_after_it(normalised):
+    """A plugin hears ``before_<phase>`` / ``after_<phase>`` of every phase in the order they run: the first
+    experience has no replay set to draw nor old class to replay; ``cpsd_order`` puts CPSD before the generator."""
+    stream = _small_stream(normalised, n_train=48, n_test=16)
+    model = SmallCNN(width=8, feature_dim=16)
+    recorder = _PhaseRecorder()
+    strategy = DRCPSD(config=tiny_config(cpsd_order="before_generator", gap_samples_per_class=0),
+                      class_names=[str(k) for k in range(10)], verbose=False, plugins=[recorder], **_common(model))
+    for experience in stream.train_stream:
+        strategy.train(experience)
+    pairs = lambda exp, *phases: [(exp, f"{w}_{p}") for p in phases for w in ("before", "after")]  # noqa: E731
+    assert recorder.events == (pairs(0, "classifier", "cpsd", "generator")
+                               + pairs(1, "generation", "classifier", "cpsd", "generator", "replay"))
+    assert {p for (_, p) in strategy.timer.seconds} == set(PHASES)
+
+
+def test_train_from_refuses_an_unknown_phase_and_needs_the_new_classes_of_a_learning_phase(normalised):
+    stream = _small_stream(normalised, n_train=16, n_test=8)
+    model = SmallCNN(width=8, feature_dim=16)
+    strategy = DRCPSD(config=tiny_config(), class_names=[str(k) for k in range(10)], verbose=False,
+                      **_common(model))
+    with pytest.raises(ValueError, match=r"phase='eval': expected one of \('generation'"):
+        strategy.train_from(stream.train_stream[0], "eval")
+    with pytest.raises(ValueError, match=r"phase='cpsd'\) needs new_classes"):
+        strategy.train_from(stream.train_stream[0], "cpsd")
+
+
+def test_the_plugin_interface_has_a_before_and_after_callback_for_every_phase():
+    callbacks = {name for name in vars(DRCPSDPlugin) if name.startswith(("before_", "after_"))}
+    assert callbacks == {f"{w}_{p}" for p in PHASES for w in ("before", "after")}
+    assert DRCPSD.PLUGIN_CLASS is DRCPSDPlugin

@@ -2,9 +2,10 @@ r"""Checkpoints at every phase boundary of a DR-CPSD run, and resuming a killed 
 
 **When.** Per experience the phases run in the order *generation* (:math:`t>0`), *classifier*, *generator* and
 *CPSD* (or CPSD then generator with ``cpsd_order="before_generator"``), *replay* (:math:`t>0`), then the runner's
-*eval*; a checkpoint is written at the end of each of them (the phases are the ones timed by
-:class:`~avalanche_drcpsd.utils.PhaseTimer`; the checkpointer listens to it). A run killed inside a phase resumes from
-the start of that phase, i.e. from the previous phase's checkpoint.
+*eval*; a checkpoint is written at the end of each of them: the strategy announces its phases to its plugins
+(``after_<phase>``, :class:`~avalanche_drcpsd.utils.PhaseTimer`) and :class:`CheckpointPlugin` listens. A run
+killed inside a phase resumes from the start of that phase, i.e. from the previous phase's checkpoint, and the
+strategy skips the phases done (:meth:`~avalanche_drcpsd.strategy.DRCPSD.train_from`).
 
 **What.** One directory ``<out>/checkpoint/ckpt-<seq>/`` holds
 
@@ -64,10 +65,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from avalanche.training.plugins import SupervisedPlugin
 from torch import nn
 
-from ..plugins.base import StatefulPlugin
+from ..plugins.base import DRCPSDPlugin, StatefulPlugin
 from ..utils import PHASES as STRATEGY_PHASES
 from ..utils import WriteError, atomic_write, atomic_write_bytes, experience_classes, frozen_copy, sha256_file
 
@@ -78,6 +78,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointStore",
     "Checkpointer",
+    "CheckpointPlugin",
     "EVENT_HOOKS",
     "CHECKPOINT_DIR",
     "FORMAT",
@@ -90,7 +91,6 @@ LATEST = "LATEST"
 MANIFEST = "manifest.json"
 #: phases that end with a checkpoint, in the order they may run within an experience: the strategy's and its evaluation
 PHASES = (*STRATEGY_PHASES, "eval")
-_TIMED = ("classifier", "generator", "cpsd", "replay")  # checkpointed when their PhaseTimer context ends
 
 
 class CheckpointError(RuntimeError):
@@ -525,19 +525,25 @@ def load_checkpoint(out_dir: str, *, verify: bool = True) -> Optional[Checkpoint
 # ----------------------------------------------------------------------------------------------------------------
 # The run's checkpointer
 # ----------------------------------------------------------------------------------------------------------------
-class _RunGuard(SupervisedPlugin):
-    """Placed right after the generator plugin: checkpoints the end of the *generation* phase (the replay set is
-    ready) and stops the classifier phase on a non-finite loss."""
+class CheckpointPlugin(DRCPSDPlugin):
+    """The checkpointer's ears in the strategy: placed right after the generator plugin, it hears the phases the
+    strategy announces (``before_<phase>`` / ``after_<phase>``, :class:`~avalanche_drcpsd.utils.PhaseTimer`) and
+    checkpoints the end of each, the *generation* phase at the end of the generator plugin's
+    ``before_training_exp`` (once the replay set is ready); it also stops the classifier phase on a non-finite
+    loss. A position already checkpointed (a resumed experience passes it again) is not written again."""
 
     def __init__(self, checkpointer: "Checkpointer"):
         super().__init__()
         self.checkpointer = checkpointer
 
+    def _save(self, strategy, phase: str, exp: int) -> None:
+        if strategy.is_training and self.checkpointer.position != (self.checkpointer.index, exp, phase):
+            _event(exp, phase, "end")
+            self.checkpointer.save(phase, exp)
+
     def before_training_exp(self, strategy, **kwargs):
-        exp = strategy.experience.current_experience
         if getattr(strategy.generator_plugin, "_replay", None) is not None:
-            _event(exp, "generation", "end")
-            self.checkpointer.save("generation", exp)
+            self._save(strategy, "generation", strategy.experience.current_experience)
 
     def before_backward(self, strategy, **kwargs):
         loss = strategy.loss
@@ -546,23 +552,33 @@ class _RunGuard(SupervisedPlugin):
                                  f"training loss {loss.detach().float().mean().item()} at iteration "
                                  f"{strategy.clock.train_exp_iterations}", self.checkpointer.last_name)
 
+    def before_generation(self, strategy, experience: int, **kwargs):
+        _event(experience, "generation", "start")
 
-def _trigger(strategy, plugins: Sequence[Any], event: str) -> None:
-    """Avalanche's ``trigger_plugins`` on ``plugins`` only."""
-    from avalanche.training.utils import trigger_plugins
+    def before_classifier(self, strategy, experience: int, **kwargs):
+        _event(experience, "classifier", "start")
+        self.checkpointer.learned_before = list(strategy.generator_plugin.learned_classes)
 
-    with _only_plugins(strategy, plugins):
-        trigger_plugins(strategy, event)
+    def after_classifier(self, strategy, experience: int, **kwargs):
+        self._save(strategy, "classifier", experience)
 
+    def before_generator(self, strategy, experience: int, **kwargs):
+        _event(experience, "generator", "start")
 
-@contextlib.contextmanager
-def _only_plugins(strategy, plugins: Sequence[Any]):
-    saved = strategy.plugins
-    strategy.plugins = list(plugins)
-    try:
-        yield
-    finally:
-        strategy.plugins = saved
+    def after_generator(self, strategy, experience: int, **kwargs):
+        self._save(strategy, "generator", experience)
+
+    def before_cpsd(self, strategy, experience: int, **kwargs):
+        _event(experience, "cpsd", "start")
+
+    def after_cpsd(self, strategy, experience: int, **kwargs):
+        self._save(strategy, "cpsd", experience)
+
+    def before_replay(self, strategy, experience: int, **kwargs):
+        _event(experience, "replay", "start")
+
+    def after_replay(self, strategy, experience: int, **kwargs):
+        self._save(strategy, "replay", experience)
 
 
 class Checkpointer:
@@ -573,8 +589,8 @@ class Checkpointer:
     state (``history``), saved in the manifest with ``elapsed()`` (the run's wall time so far); a resumed runner
     reads them back from :attr:`Checkpoint.manifest` ``["run"]``.
 
-    Building it inserts a small plugin right after the generator plugin (it checkpoints the end of the generation
-    phase and stops the classifier phase on a non-finite loss) and registers with the strategy's phase timer."""
+    Building it inserts its :class:`CheckpointPlugin` right after the strategy's generator plugin: the plugin hears
+    the end of every phase and calls :meth:`save`."""
 
     def __init__(self, out_dir: str, strategy, *, experiment: Dict[str, Any], log_files: Sequence[str]):
         self.out_dir = os.fspath(out_dir)
@@ -586,27 +602,18 @@ class Checkpointer:
         self.elapsed: Callable[[], float] = lambda: 0.0
         self.index = 0
         self.last_name: Optional[str] = None
-        self._learned_before: List[int] = []
+        #: (index, experience, phase) of the last checkpoint written or restored
+        self.position: Optional[Tuple[int, int, str]] = None
+        #: the classes the generator plugin had learned when the current experience's classifier phase began
+        self.learned_before: List[int] = []
         self._nonce = uuid.uuid4().hex
-        self._guard = _RunGuard(self)
+        self.plugin = CheckpointPlugin(self)
         plugins = strategy.plugins
-        plugins.insert(plugins.index(strategy.generator_plugin) + 1, self._guard)
+        plugins.insert(plugins.index(strategy.generator_plugin) + 1, self.plugin)
         #: the strategy's full plugin list (a resumed experience runs some callbacks on a part of it)
         self.plugins = plugins
-        strategy.timer.listeners.append(self)
 
-    # --- phase boundaries -----------------------------------------------------------------------------------------
-    def phase_started(self, phase: str, exp: int) -> None:
-        if phase in PHASES:
-            _event(exp, phase, "start")
-        if phase == "classifier":
-            self._learned_before = list(self.strategy.generator_plugin.learned_classes)
-
-    def phase_ended(self, phase: str, exp: int) -> None:
-        if phase in _TIMED and self.strategy.is_training:
-            _event(exp, phase, "end")
-            self.save(phase, exp)
-
+    # --- the evaluation phase (the runner's) ----------------------------------------------------------------
     def eval_started(self, exp: int) -> None:
         _event(exp, "eval", "start")
 
@@ -675,8 +682,8 @@ class Checkpointer:
             "experiment": self.experiment,
             "logs": {os.path.relpath(p, self.out_dir): _log_position(p) for p in self.log_files},
             "run": {"history": self.run_state.get("history", []), "elapsed_s": float(self.elapsed())},
-            "learned_before": self._learned_before,
-            "new_classes": sorted(set(classes_now) - set(self._learned_before)),
+            "learned_before": self.learned_before,
+            "new_classes": sorted(set(classes_now) - set(self.learned_before)),
             "generator": gen_info,
             "replay": replay_info,
             "plugins": [type(p).__name__ for p in self.plugins],
@@ -684,6 +691,7 @@ class Checkpointer:
         }
         ckpt = self.store.write(entries, manifest, files_written=lambda: _event(exp, phase, "checkpoint"))
         self.last_name = ckpt.name
+        self.position = (self.index, exp, phase)
         return ckpt
 
     def _plain_state(self) -> Dict[str, Any]:
@@ -802,61 +810,22 @@ class Checkpointer:
             s._stop_training = bool(state.get("stop_training", False))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise CorruptCheckpointError(f"the state in {ckpt.path('state.pt')!r} is malformed ({exc!r})") from exc
-        self._learned_before = [int(c) for c in m.get("learned_before", [])]
+        self.learned_before = [int(c) for c in m.get("learned_before", [])]
         self.index = ckpt.index
         self.last_name = ckpt.name
+        self.position = (ckpt.index, ckpt.experience, ckpt.phase)
         _set_rng_state(ckpt.load_data("rng.pt"), self.plugins)
 
     def continue_experience(self, experience, ckpt: Checkpoint) -> None:
-        """Finish ``experience`` from a checkpoint written inside its training (any phase but eval): the template's
-        ``train`` without the phases already done."""
-        from avalanche.training.templates.base import _group_experiences_by_stream
-
-        s = self.strategy
-        gp = s.generator_plugin
-        phase, exp = ckpt.phase, ckpt.experience
-        if experience.current_experience != exp:
-            raise CheckpointError(f"checkpoint {ckpt.directory!r} is in experience {exp}, not "
+        """Finish ``experience`` from a checkpoint written inside its training (any phase but eval): the strategy's
+        :meth:`~avalanche_drcpsd.strategy.DRCPSD.train_from` the checkpoint's phase, with its state restored."""
+        if experience.current_experience != ckpt.experience:
+            raise CheckpointError(f"checkpoint {ckpt.directory!r} is in experience {ckpt.experience}, not "
                                   f"{experience.current_experience}")
-        # the structure of train(): set up as the template would, without its plugin callbacks (their state is
-        # restored below) and before the random states are restored
-        s.is_training = True
-        s._stop_training = False
-        s.model.train()
-        s.model.to(s.device)
-        s._eval_streams = _group_experiences_by_stream([[experience]])
-        s.experience = experience
-        s.train_dataset_adaptation()
-        s.make_train_dataloader()
-        s.check_model_and_optimizer()
-        gp.setup()
-        new = [int(c) for c in ckpt.manifest.get("new_classes", [])]
-        images = labels = None
-        if phase in ("generator", "cpsd"):
-            images, labels = gp.experience_pixels(experience)
-        self.restore(ckpt)
-        plugins = self.plugins
-        after_gen = plugins[plugins.index(self._guard) + 1:]
-        after_gp = plugins[plugins.index(gp) + 1:]
-        if phase == "generation":
-            _trigger(s, after_gen, "before_training_exp")
-            s._train_exp(experience, [[experience]])
-            s._after_training_exp()
-        elif phase == "classifier":
-            s._after_training_exp()
-        elif phase in ("generator", "cpsd"):
-            order = gp.learning_phases()
-            gp.learn_classes(images, labels, new=new, done=order[:order.index(phase) + 1])
-            with _only_plugins(s, after_gp):
-                s._after_training_exp()
-        elif phase == "replay":
-            with _only_plugins(s, plugins[plugins.index(s.replay_plugin) + 1:]):
-                s._after_training_exp()
-        else:
-            raise CheckpointError(f"cannot continue an experience from phase {phase!r}")
-        s._after_training()
-        s._train_cleanup()
-        s.is_training = False
+        if ckpt.phase not in STRATEGY_PHASES:
+            raise CheckpointError(f"cannot continue an experience from phase {ckpt.phase!r}")
+        self.strategy.train_from(experience, ckpt.phase, restore=lambda: self.restore(ckpt),
+                                 new_classes=ckpt.manifest.get("new_classes", []))
 
 
 def _log_position(path: str) -> Dict[str, Any]:
