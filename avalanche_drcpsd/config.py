@@ -21,7 +21,8 @@ import string
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Tuple, Union
 
-__all__ = ["ConfigError", "DRCPSDConfig", "CHOICES", "check_prompt_template", "check_device", "REFERENCE", "PRESETS"]
+__all__ = ["ConfigError", "DRCPSDConfig", "ReplayConfig", "CHOICES", "check_prompt_template", "check_device",
+           "REFERENCE", "PRESETS"]
 
 
 class ConfigError(ValueError):
@@ -97,6 +98,104 @@ REFERENCE: Dict[str, Any] = {
 
 #: named starting points for :meth:`DRCPSDConfig.from_dict` (``"preset": "<name>"``)
 PRESETS: Dict[str, Dict[str, Any]] = {"reference": REFERENCE}
+
+
+@dataclass
+class ReplayConfig:
+    """The dream-replay group: the settings of :class:`~avalanche_drcpsd.plugins.DreamReplayPlugin`, under its own
+    keyword names, validated here and nowhere else (:meth:`validate`, run on construction).
+
+    In :class:`DRCPSDConfig` (and the JSON files) the same settings are flat fields: :data:`ReplayConfig.FLAT` maps
+    each field here to its name there, :meth:`from_config` reads them, and an error names the field as the caller
+    wrote it. What each setting does: the field of the same flat name in :class:`DRCPSDConfig`.
+    """
+
+    n_replay_per_class: int = 6000
+    replay_classes: str = "old"
+    replay_filter: str = "none"
+    replay_epochs: int = 1
+    min_steps: int = 0
+    batch_real: int = 16
+    batch_syn: int = 16
+    kappa: float = 0.05
+    kappa_schedule: str = "constant"
+    pi: float = 1.0
+    distill_old_weight: float = 1.0
+    student_init: str = "average"
+    ema_alpha: float = 0.1
+    student_bn: str = "new"
+    step_ema: Optional[float] = None
+    epoch_length: str = "longer"
+    augment: str = "none"
+    teacher_mode: str = "eval"
+    optimizer: str = "fresh"
+    replay_lr: Optional[float] = None
+    grad_clip: Optional[float] = None
+    kd_weight: float = 0.0
+    kd_temperature: float = 2.0
+    seed: int = 0
+
+    #: field here -> field of :class:`DRCPSDConfig`
+    FLAT = {"n_replay_per_class": "n_replay_per_class", "replay_classes": "replay_classes",
+            "replay_filter": "replay_filter", "replay_epochs": "replay_epochs", "min_steps": "replay_min_steps",
+            "batch_real": "replay_batch_real", "batch_syn": "replay_batch_syn", "kappa": "kappa",
+            "kappa_schedule": "kappa_schedule", "pi": "pi", "distill_old_weight": "distill_old_weight",
+            "student_init": "student_init", "ema_alpha": "ema_alpha", "student_bn": "student_bn",
+            "step_ema": "replay_step_ema", "epoch_length": "replay_epoch_length", "augment": "replay_augment",
+            "teacher_mode": "teacher_mode", "optimizer": "replay_optimizer", "replay_lr": "replay_lr",
+            "grad_clip": "replay_grad_clip", "kd_weight": "replay_kd_weight",
+            "kd_temperature": "replay_kd_temperature", "seed": "seed"}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_config(cls, config: "DRCPSDConfig") -> "ReplayConfig":
+        """The group's values in a (flat) :class:`DRCPSDConfig`; an error names the flat field."""
+        group = cls.__new__(cls)
+        for name, flat in cls.FLAT.items():
+            setattr(group, name, getattr(config, flat))
+        return group.validate(flat=True)
+
+    def validate(self, *, flat: bool = False) -> "ReplayConfig":
+        """Check every field; raise :class:`ConfigError` naming the first bad one (by its :data:`FLAT` name with
+        ``flat=True``)."""
+        def name(field: str) -> str:
+            return self.FLAT[field] if flat else field
+
+        for field in ("replay_classes", "replay_filter", "student_init", "student_bn", "epoch_length", "augment",
+                      "teacher_mode", "optimizer", "kappa_schedule"):
+            _check_choice(name(field), getattr(self, field), CHOICES[self.FLAT[field]])
+        for field in ("n_replay_per_class", "replay_epochs", "batch_real", "batch_syn"):
+            _int_at_least(name(field), getattr(self, field), 1)
+        for field in ("min_steps", "seed"):
+            _int_at_least(name(field), getattr(self, field), 0)
+        if self.seed >= 2 ** 32:
+            raise ConfigError(f"{name('seed')}={self.seed!r} must be < 2**32 (what numpy and torch accept as a seed)")
+        _positive(name("kd_temperature"), self.kd_temperature)
+        for field in ("replay_lr", "grad_clip"):
+            if getattr(self, field) is not None:
+                _positive(name(field), getattr(self, field))
+        for field in ("kappa", "pi", "kd_weight", "distill_old_weight"):
+            _non_negative(name(field), getattr(self, field))
+        a = _number(name("ema_alpha"), self.ema_alpha)
+        if not 0.0 < a <= 1.0:
+            raise ConfigError(f"{name('ema_alpha')}={a!r} must be in (0, 1]")
+        if self.step_ema is not None:
+            a = _number(name("step_ema"), self.step_ema)
+            if not 0.0 < a <= 1.0:
+                raise ConfigError(f"{name('step_ema')}={a!r} must be in (0, 1] or None (off)")
+        if self.optimizer == "continue" and self.replay_lr is not None:
+            raise ConfigError(f"{name('replay_lr')}={self.replay_lr!r} with {name('optimizer')}='continue': the "
+                              f"continued optimiser keeps its own learning rate; set {name('replay_lr')}=None or "
+                              f"{name('optimizer')}='fresh'")
+        return self
+
+    @property
+    def alpha(self) -> float:
+        """The new teacher's weight in the initial student: 0.5 for ``student_init="average"``, else
+        ``ema_alpha``."""
+        return 0.5 if self.student_init == "average" else self.ema_alpha
 
 
 @dataclass
@@ -356,37 +455,30 @@ class DRCPSDConfig:
     # ------------------------------------------------------------------------------------------------
     def validate(self) -> "DRCPSDConfig":
         """Check every field; raise :class:`ConfigError` naming the first bad one."""
+        replay = set(ReplayConfig.FLAT.values())  # the dream-replay group checks its own fields
         for name, choices in CHOICES.items():
-            value = getattr(self, name)
-            if value not in choices:
-                raise ConfigError(f"{name}={value!r} is not valid; expected one of {list(choices)}")
+            if name not in replay:
+                _check_choice(name, getattr(self, name), choices)
+        ReplayConfig.from_config(self)
         check_prompt_template(self.prompt_template)
         for name in ("cpsd_epochs", "cpsd_batch_size", "num_train_timesteps", "generator_batch_size",
-                     "sampling_steps", "sample_batch_size", "n_replay_per_class", "replay_epochs",
-                     "replay_batch_real", "replay_batch_syn", "unet_layers_per_block", "unet_attention_head_dim",
+                     "sampling_steps", "sample_batch_size", "unet_layers_per_block", "unet_attention_head_dim",
                      "patch_size", "generator_teacher_steps"):
             _int_at_least(name, getattr(self, name), 1)
-        for name in ("generator_steps", "gap_samples_per_class", "replay_min_steps", "seed", "generator_warmup_steps",
-                     "cpsd_min_steps"):
+        for name in ("generator_steps", "gap_samples_per_class", "generator_warmup_steps", "cpsd_min_steps"):
             _int_at_least(name, getattr(self, name), 0)
-        if self.seed >= 2 ** 32:
-            raise ConfigError(f"seed={self.seed!r} must be < 2**32 (what numpy and torch accept as a seed)")
         if self.cpsd_max_images_per_class is not None:
             _int_at_least("cpsd_max_images_per_class", self.cpsd_max_images_per_class, 1)
         if self.generator_first_steps is not None:
             _int_at_least("generator_first_steps", self.generator_first_steps, 0)
-        for name in ("cpsd_lr", "generator_lr", "snr_gamma", "replay_kd_temperature"):
+        for name in ("cpsd_lr", "generator_lr", "snr_gamma"):
             _positive(name, getattr(self, name))
-        if self.replay_lr is not None:
-            _positive("replay_lr", self.replay_lr)
-        for name in ("replay_grad_clip", "generator_grad_clip"):
-            if getattr(self, name) is not None:
-                _positive(name, getattr(self, name))
+        if self.generator_grad_clip is not None:
+            _positive("generator_grad_clip", self.generator_grad_clip)
         d = _number("generator_ema_decay", self.generator_ema_decay)
         if not 0.0 <= d < 1.0:
             raise ConfigError(f"generator_ema_decay={d!r} must be in [0, 1) (0: no EMA)")
-        for name in ("lambda_mmd", "generator_distill_weight", "kappa", "pi", "replay_kd_weight", "distill_old_weight",
-                     "cpsd_weight_decay"):
+        for name in ("lambda_mmd", "generator_distill_weight", "cpsd_weight_decay"):
             _non_negative(name, getattr(self, name))
         for name in ("cond_dropout",):
             v = _number(name, getattr(self, name))
@@ -395,16 +487,6 @@ class DRCPSDConfig:
         v = _number("generator_replay_fraction", self.generator_replay_fraction)
         if not 0.0 < v < 1.0:
             raise ConfigError(f"generator_replay_fraction={v!r} must be in (0, 1)")
-        a = _number("ema_alpha", self.ema_alpha)
-        if not 0.0 < a <= 1.0:
-            raise ConfigError(f"ema_alpha={a!r} must be in (0, 1]")
-        if self.replay_step_ema is not None:
-            a = _number("replay_step_ema", self.replay_step_ema)
-            if not 0.0 < a <= 1.0:
-                raise ConfigError(f"replay_step_ema={a!r} must be in (0, 1] or None (off)")
-        if self.replay_optimizer == "continue" and self.replay_lr is not None:
-            raise ConfigError(f"replay_lr={self.replay_lr!r} with replay_optimizer='continue': the continued optimiser "
-                              "keeps its own learning rate; set replay_lr=None or replay_optimizer='fresh'")
         if self.generator_last_experience == "skip" and self.replay_classes == "seen":
             raise ConfigError("generator_last_experience='skip' with replay_classes='seen': the last experience's "
                               "replay draws its own classes from the generator its generator phase trains; use "
@@ -609,6 +691,11 @@ def _check_generator_options(options: Any, generator: str) -> None:
         raise ConfigError(f"generator_options['vae_latent']={options['vae_latent']!r}; expected 'mode' or 'sample'")
     if options.get("variant") is not None and not isinstance(options["variant"], str):
         raise ConfigError(f"generator_options['variant']={options['variant']!r} must be a string such as 'fp16'")
+
+
+def _check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={_short(value)} is not valid; expected one of {list(choices)}")
 
 
 def _positive(name: str, value: Any) -> None:

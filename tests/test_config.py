@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -265,3 +266,36 @@ def test_a_preset_that_is_not_a_name_is_a_config_error(preset):
     """Found by the JSON fuzzer: an unhashable preset raised TypeError instead of naming itself."""
     with pytest.raises(ConfigError, match=r"preset=.* is not valid; expected one of \['reference'\]"):
         DRCPSDConfig.from_dict({"preset": preset})
+
+
+def test_the_replay_group_is_the_flat_replay_fields_with_the_same_defaults():
+    """``ReplayConfig`` (DreamReplayPlugin's settings) reads its fields from the flat config: every name it maps to
+    exists there, with the same default, and the plugin built from a config holds that config's values."""
+    from avalanche_drcpsd import DreamReplayPlugin
+    from avalanche_drcpsd.config import ReplayConfig
+
+    flat = {f.name: f for f in dataclasses.fields(DRCPSDConfig)}
+    for name, flat_name in ReplayConfig.FLAT.items():
+        assert flat_name in flat, flat_name
+        assert getattr(ReplayConfig(), name) == flat[flat_name].default, name
+    assert set(ReplayConfig.FLAT) == {f.name for f in dataclasses.fields(ReplayConfig)}
+    cfg = DRCPSDConfig(replay_batch_real=8, replay_step_ema=0.2, replay_grad_clip=1.5, kappa=0.3)
+    group = DreamReplayPlugin.from_config(None, cfg, verbose=False).config
+    assert (group.batch_real, group.step_ema, group.grad_clip, group.kappa) == (8, 0.2, 1.5, 0.3)
+    assert group == ReplayConfig.from_config(cfg)
+
+
+@pytest.mark.parametrize("flat, plugin, message", [
+    ({"replay_grad_clip": 0}, {"grad_clip": 0}, "{}=0 must be > 0"),
+    ({"replay_epoch_length": "zip"}, {"epoch_length": "zip"}, "{}='zip' is not valid"),
+    ({"replay_min_steps": -1}, {"min_steps": -1}, "{}=-1 must be >= 0"),
+])
+def test_a_bad_replay_setting_is_named_as_the_caller_wrote_it(flat, plugin, message):
+    from avalanche_drcpsd import DreamReplayPlugin
+
+    with pytest.raises(ConfigError, match=re.escape(message.format(*flat))):
+        DRCPSDConfig(**flat)
+    with pytest.raises(ConfigError, match=re.escape(message.format(*plugin))):
+        DreamReplayPlugin(None, **plugin)
+    with pytest.raises(ConfigError, match=r"unknown DreamReplayPlugin field\(s\) \['replay_grad_clip'\]"):
+        DreamReplayPlugin(None, replay_grad_clip=1.0)

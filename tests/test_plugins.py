@@ -161,7 +161,7 @@ def test_student_starts_as_average_of_teachers(mnist_small):
 
 def test_ema_student_init_uses_alpha(mnist_small):
     replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=4, student_init="ema", ema_alpha=0.1, verbose=False)
-    assert replay.alpha == pytest.approx(0.1)
+    assert replay.config.alpha == pytest.approx(0.1)
     with pytest.raises(ValueError, match="student_init='bogus'"):
         DreamReplayPlugin(FakeSource([]), student_init="bogus")
 

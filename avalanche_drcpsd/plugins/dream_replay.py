@@ -33,9 +33,10 @@ the original code (isaacNingLee/CPSD 769e79b) are listed in :data:`avalanche_drc
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
-from typing import Callable, Optional, Protocol, Sequence, Set, Tuple
+from typing import Any, Callable, Optional, Protocol, Sequence, Set, Tuple
 
 import torch
 from avalanche.evaluation.metric_results import MetricValue
@@ -43,7 +44,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..augment import reference_classifier_augment
-from ..config import CHOICES
+from ..config import ReplayConfig, build_from_fields
 from ..features import check_single_task, classify, forward_with_features
 from ..losses import balanced_kappa, isolation_loss, logit_distillation_loss
 from ..replay_training import train_student
@@ -81,38 +82,19 @@ class DreamReplayPlugin(StatefulPlugin):
     def __init__(
         self,
         source: SyntheticSource,
+        config: Optional[ReplayConfig] = None,
         *,
-        n_replay_per_class: int = 6000,
-        replay_classes: str = "old",
-        replay_filter: str = "none",
-        replay_epochs: int = 1,
-        min_steps: int = 0,
-        batch_real: int = 16,
-        batch_syn: int = 16,
-        kappa: float = 0.05,
-        kappa_schedule: str = "constant",
-        pi: float = 1.0,
-        distill_old_weight: float = 1.0,
-        student_init: str = "average",
-        ema_alpha: float = 0.1,
-        student_bn: str = "new",
-        step_ema: Optional[float] = None,
-        epoch_length: str = "longer",
-        augment: str = "none",
-        teacher_mode: str = "eval",
-        optimizer: str = "fresh",
-        replay_lr: Optional[float] = None,
-        grad_clip: Optional[float] = None,
-        kd_weight: float = 0.0,
-        kd_temperature: float = 2.0,
-        seed: int = 0,
         distill: Optional[DistillPlugin] = None,
         syn_transform: Optional[Callable[[Tensor], Tensor]] = None,
         timer: Optional[PhaseTimer] = None,
         verbose: bool = True,
+        **settings: Any,
     ):
         """
         :param source: gives synthetic old-class images (``sample_replay``).
+        :param config: the settings (:class:`~avalanche_drcpsd.config.ReplayConfig`, validated there); the
+            keyword ``settings`` (the same names) override its fields, e.g. ``DreamReplayPlugin(gen,
+            n_replay_per_class=500)``. The settings:
         :param replay_classes: ``old`` (the paper's description) draws synthetic images of the old classes only;
             ``seen`` (the original code) of the old and the current classes (the source must know the current ones
             by the end of the experience, as :class:`CPSDGeneratorPlugin` placed before this plugin does).
@@ -151,64 +133,19 @@ class DreamReplayPlugin(StatefulPlugin):
         :param syn_transform: applied to synthetic batches (e.g. the benchmark's normalisation).
         """
         super().__init__()
-        for name, value, field in (("replay_classes", replay_classes, "replay_classes"),
-                                   ("replay_filter", replay_filter, "replay_filter"),
-                                   ("student_init", student_init, "student_init"),
-                                   ("student_bn", student_bn, "student_bn"),
-                                   ("epoch_length", epoch_length, "replay_epoch_length"),
-                                   ("augment", augment, "replay_augment"),
-                                   ("teacher_mode", teacher_mode, "teacher_mode"),
-                                   ("optimizer", optimizer, "replay_optimizer"),
-                                   ("kappa_schedule", kappa_schedule, "kappa_schedule")):
-            choices = CHOICES[field]  # the config's table: one list of valid values per choice
-            if value not in choices:
-                raise ValueError(f"{name}={value!r}; expected one of {list(choices)}")
-        for name, v in (("n_replay_per_class", n_replay_per_class), ("replay_epochs", replay_epochs),
-                        ("batch_real", batch_real), ("batch_syn", batch_syn)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} must be an integer >= 1")
-        if not isinstance(min_steps, int) or min_steps < 0:
-            raise ValueError(f"min_steps={min_steps!r} must be an integer >= 0")
-        if step_ema is not None and not 0 < step_ema <= 1:
-            raise ValueError(f"step_ema={step_ema!r} must be in (0, 1] or None")
-        if optimizer == "continue" and replay_lr is not None:
-            raise ValueError(f"replay_lr={replay_lr!r} is for a fresh optimiser; optimizer='continue' keeps its own")
-        if kappa < 0:
-            raise ValueError(f"kappa={kappa!r} must be >= 0")
-        if kd_weight < 0 or not kd_temperature > 0:
-            raise ValueError(f"kd_weight={kd_weight!r} must be >= 0 and kd_temperature={kd_temperature!r} > 0")
-        self.replay_classes = replay_classes
-        self.replay_filter = replay_filter
-        self.student_bn = student_bn
-        self.step_ema = step_ema
-        self.epoch_length = epoch_length
-        self.augment = augment
-        self.teacher_mode = teacher_mode
-        self.optimizer = optimizer
-        self.min_steps = min_steps
-        self.kappa_schedule = kappa_schedule
-        self.kd_weight = kd_weight
-        self.kd_temperature = kd_temperature
+        base = config if config is not None else ReplayConfig()
+        #: the plugin's settings (:class:`~avalanche_drcpsd.config.ReplayConfig`)
+        self.config = build_from_fields(ReplayConfig, {**dataclasses.asdict(base), **settings}, "DreamReplayPlugin") \
+            if settings else base
+        c = self.config
         self.source = source
-        self.n_replay_per_class = n_replay_per_class
-        self.replay_epochs = replay_epochs
-        self.batch_real = batch_real
-        self.batch_syn = batch_syn
-        self.kappa = kappa
-        self.student_init = student_init
-        self.alpha = 0.5 if student_init == "average" else ema_alpha
-        self.seed = seed
-        self.replay_lr = replay_lr
-        if grad_clip is not None and not grad_clip > 0:
-            raise ValueError(f"grad_clip={grad_clip!r} must be > 0 or None")
-        self.grad_clip = grad_clip
         #: per experience: mean and max of the isolation and distillation terms and of the gradient norm
         self.stats: dict = {}
         #: per experience: the isolation weight actually used
         self.effective_kappa: dict = {}
         #: per experience: the replay epochs actually run (``replay_epochs`` raised by ``min_steps``)
         self.epochs_used: dict = {}
-        self.distill = distill if distill is not None else DistillPlugin(alpha=distill_old_weight, pi=pi,
+        self.distill = distill if distill is not None else DistillPlugin(alpha=c.distill_old_weight, pi=c.pi,
                                                                          during_training=False)
         self.syn_transform = syn_transform
         self.timer = timer if timer is not None else PhaseTimer()
@@ -218,19 +155,8 @@ class DreamReplayPlugin(StatefulPlugin):
 
     @classmethod
     def from_config(cls, source: SyntheticSource, config, **kwargs) -> "DreamReplayPlugin":
-        return cls(source, n_replay_per_class=config.n_replay_per_class, replay_classes=config.replay_classes,
-                   replay_filter=config.replay_filter,
-                   replay_epochs=config.replay_epochs,
-                   min_steps=config.replay_min_steps, batch_real=config.replay_batch_real,
-                   batch_syn=config.replay_batch_syn, kappa=config.kappa,
-                   kappa_schedule=config.kappa_schedule, pi=config.pi,
-                   distill_old_weight=config.distill_old_weight, student_init=config.student_init,
-                   ema_alpha=config.ema_alpha, student_bn=config.student_bn, step_ema=config.replay_step_ema,
-                   epoch_length=config.replay_epoch_length, augment=config.replay_augment,
-                   teacher_mode=config.teacher_mode, optimizer=config.replay_optimizer,
-                   replay_lr=config.replay_lr, grad_clip=config.replay_grad_clip,
-                   kd_weight=config.replay_kd_weight, kd_temperature=config.replay_kd_temperature,
-                   seed=config.seed, **kwargs)
+        """The plugin with the dream-replay group of a :class:`~avalanche_drcpsd.config.DRCPSDConfig`."""
+        return cls(source, ReplayConfig.from_config(config), **kwargs)
 
     # --- hooks -----------------------------------------------------------------------------------------
     def before_training_exp(self, strategy, **kwargs):
@@ -242,8 +168,8 @@ class DreamReplayPlugin(StatefulPlugin):
         self.seen_classes.update(experience_classes(strategy.experience))
         if not old_classes or self.distill.old_teacher is None:
             return
-        drawn = old_classes if self.replay_classes == "old" else sorted(self.seen_classes)
-        x_syn, y_syn = self.source.sample_replay(drawn, self.n_replay_per_class)
+        drawn = old_classes if self.config.replay_classes == "old" else sorted(self.seen_classes)
+        x_syn, y_syn = self.source.sample_replay(drawn, self.config.n_replay_per_class)
         with self.timer("replay", strategy.experience.current_experience):
             self.replay(strategy, x_syn, y_syn, old_classes)
 
@@ -253,34 +179,34 @@ class DreamReplayPlugin(StatefulPlugin):
         the classes whose logits the optional logit distillation covers."""
         if old_classes is None:
             old_classes = sorted(set(int(c) for c in y_syn.tolist()))
-        kappa = self.kappa
-        if self.kappa_schedule == "balanced":
+        kappa = self.config.kappa
+        if self.config.kappa_schedule == "balanced":
             new_classes = set(experience_classes(strategy.experience)) - set(old_classes)
-            kappa = balanced_kappa(self.kappa, len(new_classes), len(old_classes))
+            kappa = balanced_kappa(self.config.kappa, len(new_classes), len(old_classes))
         self.effective_kappa[strategy.experience.current_experience] = kappa
         model = strategy.model
         device = strategy.device
         exp = strategy.experience.current_experience
         self.distill.set_new_teacher(model)
         kept = None
-        if self.replay_filter == "teacher":
+        if self.config.replay_filter == "teacher":
             x_syn, y_syn, kept = self.filter_by_teachers(x_syn, y_syn, old_classes, device)
-        if self.student_init == "fresh":
-            model.load_state_dict(self.fresh_student(self.distill.new_teacher, self.seed + exp))
+        if self.config.student_init == "fresh":
+            model.load_state_dict(self.fresh_student(self.distill.new_teacher, self.config.seed + exp))
         else:
             model.load_state_dict(self.initial_student(self.distill.old_teacher, self.distill.new_teacher))
         model.train()
         teachers = (self.distill.old_teacher, self.distill.new_teacher)
         for teacher in teachers:
-            teacher.train(self.teacher_mode == "student")
-        optimizer = strategy.optimizer if self.optimizer == "continue" else self._make_optimizer(strategy)
+            teacher.train(self.config.teacher_mode == "student")
+        optimizer = strategy.optimizer if self.config.optimizer == "continue" else self._make_optimizer(strategy)
 
-        real = DataLoader(strategy.experience.dataset.train(), batch_size=self.batch_real, shuffle=True,
-                          drop_last=len(strategy.experience.dataset) > self.batch_real)
-        syn = DataLoader(TensorDataset(x_syn, y_syn), batch_size=self.batch_syn, shuffle=True,
-                         drop_last=len(y_syn) > self.batch_syn)
-        steps = max(len(real), len(syn)) if self.epoch_length == "longer" else min(len(real), len(syn))
-        epochs = self.epochs_used[exp] = replay_epochs_for(steps, self.replay_epochs, self.min_steps)
+        real = DataLoader(strategy.experience.dataset.train(), batch_size=self.config.batch_real, shuffle=True,
+                          drop_last=len(strategy.experience.dataset) > self.config.batch_real)
+        syn = DataLoader(TensorDataset(x_syn, y_syn), batch_size=self.config.batch_syn, shuffle=True,
+                         drop_last=len(y_syn) > self.config.batch_syn)
+        steps = max(len(real), len(syn)) if self.config.epoch_length == "longer" else min(len(real), len(syn))
+        epochs = self.epochs_used[exp] = replay_epochs_for(steps, self.config.replay_epochs, self.config.min_steps)
         if steps * epochs < FEW_REPLAY_STEPS:
             warnings.warn(
                 f"experience {exp}: dream replay makes only {steps * epochs} optimiser steps ({epochs} epoch(s) of "
@@ -293,15 +219,15 @@ class DreamReplayPlugin(StatefulPlugin):
             ce = isolation_loss(logits[:n], ys, logits[n:], yr, kappa)
             kd = self.distill.replay_loss(h[:n], xs, h[n:], xr)
             terms = {"isolation": ce, "distill": kd}
-            if self.kd_weight > 0:
+            if self.config.kd_weight > 0:
                 with torch.no_grad():
                     z_old = classify(self.distill.old_teacher, torch.cat([xs, xr]))
-                terms["logit_kd"] = logit_distillation_loss(logits, z_old, old_classes, self.kd_temperature)
-            return ce + kd + self.kd_weight * terms.get("logit_kd", 0.0), terms
+                terms["logit_kd"] = logit_distillation_loss(logits, z_old, old_classes, self.config.kd_temperature)
+            return ce + kd + self.config.kd_weight * terms.get("logit_kd", 0.0), terms
 
         trace = train_student(model, real, syn, loss, optimizer, steps=steps, epochs=epochs, device=device,
-                              syn_transform=self.synthetic_transform(), grad_clip=self.grad_clip,
-                              step_ema=self.step_ema, desc=f"exp {exp} replay", verbose=self.verbose,
+                              syn_transform=self.synthetic_transform(), grad_clip=self.config.grad_clip,
+                              step_ema=self.config.step_ema, desc=f"exp {exp} replay", verbose=self.verbose,
                               on_error=f" in experience {exp}")
         self.replayed_batches += steps * epochs
         for teacher in teachers:
@@ -317,7 +243,7 @@ class DreamReplayPlugin(StatefulPlugin):
     def synthetic_transform(self) -> Optional[Callable[[Tensor], Tensor]]:
         """What the synthetic half of each paired batch goes through: the original code's classifier augmentation
         (``augment="reference"``), then ``syn_transform``."""
-        if self.augment != "reference":
+        if self.config.augment != "reference":
             return self.syn_transform
         then = self.syn_transform
 
@@ -332,8 +258,8 @@ class DreamReplayPlugin(StatefulPlugin):
         (``alpha`` 0.5 for ``student_init="average"``, ``ema_alpha`` for ``"ema"``); BatchNorm's running statistics
         likewise, or the new teacher's with ``student_bn="new"``; integer buffers from the new teacher."""
         new = new_teacher.state_dict()
-        out = interpolate_state_dicts(old_teacher.state_dict(), new, self.alpha)
-        if self.student_bn == "new":
+        out = interpolate_state_dicts(old_teacher.state_dict(), new, self.config.alpha)
+        if self.config.student_bn == "new":
             buffers = {name for name, _ in new_teacher.named_buffers()}
             out.update({k: new[k].clone() for k in buffers if k in new})
         return out
@@ -381,6 +307,6 @@ class DreamReplayPlugin(StatefulPlugin):
         opt = strategy.optimizer
         group = opt.param_groups[0] if opt.param_groups else {}
         defaults = {k: group.get(k, v) for k, v in opt.defaults.items()}
-        if self.replay_lr is not None:
-            defaults["lr"] = self.replay_lr
+        if self.config.replay_lr is not None:
+            defaults["lr"] = self.config.replay_lr
         return type(opt)(strategy.model.parameters(), **defaults)
