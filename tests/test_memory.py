@@ -58,7 +58,7 @@ def test_drcpsd_breakdown_sums_to_its_total_and_counts_kept_sets():
     model = SmallCNN(width=8, feature_dim=16)
     strategy = DRCPSD(config=tiny_config(), class_names=list(MNIST_CLASSES), verbose=False, **_common(model))
     assert memory_bytes(strategy, "drcpsd", SHAPE)["generator"] == 0, "built with the first experience"
-    strategy.generator_plugin._ensure_generator(SHAPE)  # as the first experience does
+    strategy.generator_plugin.build_generator(SHAPE)  # as the first experience does
     before = memory_bytes(strategy, "drcpsd", SHAPE)
     _parts_add_up(before)
     assert before["real_images"] == 0 and before["synthetic"] == 0 and before["teacher"] == 0

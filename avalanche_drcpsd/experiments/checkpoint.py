@@ -542,7 +542,7 @@ class CheckpointPlugin(DRCPSDPlugin):
             self.checkpointer.save(phase, exp)
 
     def before_training_exp(self, strategy, **kwargs):
-        if getattr(strategy.generator_plugin, "_replay", None) is not None:
+        if strategy.generator_plugin.replay_record is not None:
             self._save(strategy, "generation", strategy.experience.current_experience)
 
     def before_backward(self, strategy, **kwargs):
@@ -662,8 +662,8 @@ class Checkpointer:
             if teacher is not None:
                 entries.append(_Entry(f"{label}.safetensors", _state_dict_bytes(teacher)))
         replay_info = None
-        if gp._replay is not None:
-            classes, n, x, y = gp._replay
+        if gp.replay_record is not None:
+            classes, n, x, y = gp.replay_record
             replay_info = {"classes": [int(c) for c in classes], "n_per_class": int(n)}
             key = f"{self._nonce}:{id(x)}:{x.data_ptr()}:{tuple(x.shape)}:{id(y)}"
 
@@ -755,7 +755,7 @@ class Checkpointer:
         gen_info = m.get("generator")
         if gen_info:
             if gen_info.get("image_shape"):
-                gp._ensure_generator(tuple(int(v) for v in gen_info["image_shape"]))
+                gp.build_generator(tuple(int(v) for v in gen_info["image_shape"]))
             if gen_info.get("weights"):
                 tensors, _ = ckpt.load_tensors("generator.safetensors")
                 _load_module(gp.generator, tensors, ckpt.path("generator.safetensors"))
@@ -776,11 +776,12 @@ class Checkpointer:
                 tensors, _ = ckpt.load_tensors(f"{label}.safetensors")
                 _load_module(teacher, tensors, ckpt.path(f"{label}.safetensors"))
             setattr(d, label, teacher)
-        gp._replay = None
+        gp.replay_record = None
         if m.get("replay"):
             tensors, _ = ckpt.load_tensors("replay.safetensors")
             info = m["replay"]
-            gp._replay = (tuple(int(c) for c in info["classes"]), int(info["n_per_class"]), tensors["x"], tensors["y"])
+            gp.replay_record = (tuple(int(c) for c in info["classes"]), int(info["n_per_class"]), tensors["x"],
+                                tensors["y"])
         state = ckpt.load_data("state.pt")
         try:
             for plugin, (cls_name, attrs) in zip(self.plugins, state["plugins"]):

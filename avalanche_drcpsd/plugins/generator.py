@@ -102,7 +102,9 @@ class CPSDGeneratorPlugin(StatefulPlugin):
         self.rng = torch.Generator().manual_seed(self.config.seed)
         cache_dir = cache_dir if cache_dir is not None else self.config.synthetic_cache_dir
         self.cache: Optional[SyntheticCache] = SyntheticCache(cache_dir) if cache_dir is not None else None
-        self._replay: Optional[Tuple[Tuple[int, ...], int, Tensor, Tensor]] = None
+        #: the replay set drawn for the current experience as ``(classes, n_per_class, pixels, labels)``, None before
+        #: it is drawn (:attr:`replay_set` gives its images and labels)
+        self.replay_record: Optional[Tuple[Tuple[int, ...], int, Tensor, Tensor]] = None
         #: ``replay_draw="once"``: each old class's kept synthetic set (uint8 images, class id -> (N, C, H, W))
         self.kept: Dict[int, Tensor] = {}
         #: ``generator_last_experience="skip"``: the classes whose generator and CPSD phases were left out
@@ -194,7 +196,9 @@ class CPSDGeneratorPlugin(StatefulPlugin):
                 raise TextEncoderError(f"the text encoder's hidden size {self.text_encoder.hidden_size} does not match "
                                        f"the generator's cross_attention_dim {width}")
 
-    def _ensure_generator(self, image_shape: Sequence[int]) -> DiffusionGenerator:
+    def build_generator(self, image_shape: Sequence[int]) -> DiffusionGenerator:
+        """The generator for images of ``image_shape``: built (seeded by ``seed``) on the first call, given that
+        output shape when it is a pretrained one of another shape; a resumed run calls it before loading weights."""
         if self.generator is not None and self.generator.output_shape != tuple(image_shape):
             self.generator.set_output_shape(image_shape)  # a pretrained generator's images take the data's shape
         if self.generator is None:
@@ -268,13 +272,13 @@ class CPSDGeneratorPlugin(StatefulPlugin):
 
     def _replay_pixels(self, classes: Sequence[int], n_per_class: int) -> Tuple[Tensor, Tensor]:
         key = (tuple(int(c) for c in classes), int(n_per_class))
-        if self._replay is None or self._replay[:2] != key:
+        if self.replay_record is None or self.replay_record[:2] != key:
             if self.config.replay_draw == "once":
                 x, y = self._kept_sets(key[0], key[1])
             else:
                 x, y = self._draw(key[0], key[1])
-            self._replay = (key[0], key[1], x, y)
-        return self._replay[2], self._replay[3]
+            self.replay_record = (key[0], key[1], x, y)
+        return self.replay_record[2], self.replay_record[3]
 
     def _draw(self, classes: Sequence[int], n_per_class: int) -> Tuple[Tensor, Tensor]:
         """The generation phase: ``n_per_class`` images of each class, through the synthetic cache if any (with
@@ -353,7 +357,7 @@ class CPSDGeneratorPlugin(StatefulPlugin):
                 "the stream trained before): the generator cannot replay them. Train the whole stream in one call, "
                 "or use generator_last_experience='train' to continue a stream")
         self._exp = strategy.experience.current_experience
-        self._replay = None
+        self.replay_record = None
         self.check_inputs(strategy.experience.dataset.eval(), f"experience {self._exp}")
         classes = experience_classes(strategy.experience)
         if self.learned_classes and set(classes) <= set(self.learned_classes):
@@ -377,7 +381,7 @@ class CPSDGeneratorPlugin(StatefulPlugin):
     @property
     def replay_set(self) -> Optional[Tuple[Tensor, Tensor]]:
         """``(pixels in [0, 1], labels)`` of the replay set drawn for the current experience (None before any)."""
-        return None if self._replay is None else (self._replay[2], self._replay[3])
+        return None if self.replay_record is None else (self.replay_record[2], self.replay_record[3])
 
     def after_training_exp(self, strategy, **kwargs):
         if self.config.generator_last_experience == "skip" and is_last_experience(strategy.experience):
@@ -402,7 +406,7 @@ class CPSDGeneratorPlugin(StatefulPlugin):
         new = sorted(int(c) for c in new)
         if not new:
             return
-        self._ensure_generator(images.shape[1:])
+        self.build_generator(images.shape[1:])
         tokens = self.class_tokens(new)
         for phase in self.learning_phases():
             if phase in done:
@@ -460,11 +464,11 @@ class CPSDGeneratorPlugin(StatefulPlugin):
         # a zero distillation weight is no distillation: no teacher, and the whole batch is the new classes' real
         # images (a zero-weighted replay share would only halve the real batch at the same cost)
         distill = None
-        if old_classes and c.generator_distill_weight > 0 and (fresh or self._replay is not None):
+        if old_classes and c.generator_distill_weight > 0 and (fresh or self.replay_record is not None):
             distill = DistillationSource(
                 teacher=frozen_copy(self.generator), classes=list(old_classes),
                 embeddings=self.buffer.stack(old_classes), teacher_steps=c.generator_teacher_steps,
-                images=None if fresh else self._replay[2], labels=None if fresh else self._replay[3])
+                images=None if fresh else self.replay_record[2], labels=None if fresh else self.replay_record[3])
         exp = self._exp
         train_generator(self.generator, images, labels, cond_new, self.buffer.null, c,
                         steps=self.generator_steps(list(cond_new)),
