@@ -101,104 +101,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {"reference": REFERENCE}
 
 
 @dataclass
-class ReplayConfig:
-    """The dream-replay group: the settings of :class:`~avalanche_drcpsd.plugins.DreamReplayPlugin`, under its own
-    keyword names, validated here and nowhere else (:meth:`validate`, run on construction).
-
-    In :class:`DRCPSDConfig` (and the JSON files) the same settings are flat fields: :data:`ReplayConfig.FLAT` maps
-    each field here to its name there, :meth:`from_config` reads them, and an error names the field as the caller
-    wrote it. What each setting does: the field of the same flat name in :class:`DRCPSDConfig`.
-    """
-
-    n_replay_per_class: int = 6000
-    replay_classes: str = "old"
-    replay_filter: str = "none"
-    replay_epochs: int = 1
-    min_steps: int = 0
-    batch_real: int = 16
-    batch_syn: int = 16
-    kappa: float = 0.05
-    kappa_schedule: str = "constant"
-    pi: float = 1.0
-    distill_old_weight: float = 1.0
-    student_init: str = "average"
-    ema_alpha: float = 0.1
-    student_bn: str = "new"
-    step_ema: Optional[float] = None
-    epoch_length: str = "longer"
-    augment: str = "none"
-    teacher_mode: str = "eval"
-    optimizer: str = "fresh"
-    replay_lr: Optional[float] = None
-    grad_clip: Optional[float] = None
-    kd_weight: float = 0.0
-    kd_temperature: float = 2.0
-    seed: int = 0
-
-    #: field here -> field of :class:`DRCPSDConfig`
-    FLAT = {"n_replay_per_class": "n_replay_per_class", "replay_classes": "replay_classes",
-            "replay_filter": "replay_filter", "replay_epochs": "replay_epochs", "min_steps": "replay_min_steps",
-            "batch_real": "replay_batch_real", "batch_syn": "replay_batch_syn", "kappa": "kappa",
-            "kappa_schedule": "kappa_schedule", "pi": "pi", "distill_old_weight": "distill_old_weight",
-            "student_init": "student_init", "ema_alpha": "ema_alpha", "student_bn": "student_bn",
-            "step_ema": "replay_step_ema", "epoch_length": "replay_epoch_length", "augment": "replay_augment",
-            "teacher_mode": "teacher_mode", "optimizer": "replay_optimizer", "replay_lr": "replay_lr",
-            "grad_clip": "replay_grad_clip", "kd_weight": "replay_kd_weight",
-            "kd_temperature": "replay_kd_temperature", "seed": "seed"}
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    @classmethod
-    def from_config(cls, config: "DRCPSDConfig") -> "ReplayConfig":
-        """The group's values in a (flat) :class:`DRCPSDConfig`; an error names the flat field."""
-        group = cls.__new__(cls)
-        for name, flat in cls.FLAT.items():
-            setattr(group, name, getattr(config, flat))
-        return group.validate(flat=True)
-
-    def validate(self, *, flat: bool = False) -> "ReplayConfig":
-        """Check every field; raise :class:`ConfigError` naming the first bad one (by its :data:`FLAT` name with
-        ``flat=True``)."""
-        def name(field: str) -> str:
-            return self.FLAT[field] if flat else field
-
-        for field in ("replay_classes", "replay_filter", "student_init", "student_bn", "epoch_length", "augment",
-                      "teacher_mode", "optimizer", "kappa_schedule"):
-            _check_choice(name(field), getattr(self, field), CHOICES[self.FLAT[field]])
-        for field in ("n_replay_per_class", "replay_epochs", "batch_real", "batch_syn"):
-            _int_at_least(name(field), getattr(self, field), 1)
-        for field in ("min_steps", "seed"):
-            _int_at_least(name(field), getattr(self, field), 0)
-        if self.seed >= 2 ** 32:
-            raise ConfigError(f"{name('seed')}={self.seed!r} must be < 2**32 (what numpy and torch accept as a seed)")
-        _positive(name("kd_temperature"), self.kd_temperature)
-        for field in ("replay_lr", "grad_clip"):
-            if getattr(self, field) is not None:
-                _positive(name(field), getattr(self, field))
-        for field in ("kappa", "pi", "kd_weight", "distill_old_weight"):
-            _non_negative(name(field), getattr(self, field))
-        a = _number(name("ema_alpha"), self.ema_alpha)
-        if not 0.0 < a <= 1.0:
-            raise ConfigError(f"{name('ema_alpha')}={a!r} must be in (0, 1]")
-        if self.step_ema is not None:
-            a = _number(name("step_ema"), self.step_ema)
-            if not 0.0 < a <= 1.0:
-                raise ConfigError(f"{name('step_ema')}={a!r} must be in (0, 1] or None (off)")
-        if self.optimizer == "continue" and self.replay_lr is not None:
-            raise ConfigError(f"{name('replay_lr')}={self.replay_lr!r} with {name('optimizer')}='continue': the "
-                              f"continued optimiser keeps its own learning rate; set {name('replay_lr')}=None or "
-                              f"{name('optimizer')}='fresh'")
-        return self
-
-    @property
-    def alpha(self) -> float:
-        """The new teacher's weight in the initial student: 0.5 for ``student_init="average"``, else
-        ``ema_alpha``."""
-        return 0.5 if self.student_init == "average" else self.ema_alpha
-
-
-@dataclass
 class DRCPSDConfig:
     """Hyper-parameters of DR-CPSD (strategy-level knobs such as epochs and batch size stay on the strategy).
 
@@ -582,6 +484,109 @@ class DRCPSDConfig:
             if d[name] is not None:
                 d[name] = list(d[name])
         return d
+
+
+def _flat_default(name: str) -> Any:
+    """The default of :class:`DRCPSDConfig`'s field ``name`` (a group's fields take their flat field's)."""
+    return DRCPSDConfig.__dataclass_fields__[name].default
+
+
+@dataclass
+class ReplayConfig:
+    """The dream-replay group: the settings of :class:`~avalanche_drcpsd.plugins.DreamReplayPlugin`, under its own
+    keyword names, validated here and nowhere else (:meth:`validate`, run on construction).
+
+    In :class:`DRCPSDConfig` (and the JSON files) the same settings are flat fields: :data:`ReplayConfig.FLAT` maps
+    each field here to its name there, :meth:`from_config` reads them, and an error names the field as the caller
+    wrote it. What each setting does, and its default: the field of the same flat name in :class:`DRCPSDConfig`.
+    """
+
+    n_replay_per_class: int = _flat_default("n_replay_per_class")
+    replay_classes: str = _flat_default("replay_classes")
+    replay_filter: str = _flat_default("replay_filter")
+    replay_epochs: int = _flat_default("replay_epochs")
+    min_steps: int = _flat_default("replay_min_steps")
+    batch_real: int = _flat_default("replay_batch_real")
+    batch_syn: int = _flat_default("replay_batch_syn")
+    kappa: float = _flat_default("kappa")
+    kappa_schedule: str = _flat_default("kappa_schedule")
+    pi: float = _flat_default("pi")
+    distill_old_weight: float = _flat_default("distill_old_weight")
+    student_init: str = _flat_default("student_init")
+    ema_alpha: float = _flat_default("ema_alpha")
+    student_bn: str = _flat_default("student_bn")
+    step_ema: Optional[float] = _flat_default("replay_step_ema")
+    epoch_length: str = _flat_default("replay_epoch_length")
+    augment: str = _flat_default("replay_augment")
+    teacher_mode: str = _flat_default("teacher_mode")
+    optimizer: str = _flat_default("replay_optimizer")
+    replay_lr: Optional[float] = _flat_default("replay_lr")
+    grad_clip: Optional[float] = _flat_default("replay_grad_clip")
+    kd_weight: float = _flat_default("replay_kd_weight")
+    kd_temperature: float = _flat_default("replay_kd_temperature")
+    seed: int = _flat_default("seed")
+
+    #: field here -> field of :class:`DRCPSDConfig`
+    FLAT = {"n_replay_per_class": "n_replay_per_class", "replay_classes": "replay_classes",
+            "replay_filter": "replay_filter", "replay_epochs": "replay_epochs", "min_steps": "replay_min_steps",
+            "batch_real": "replay_batch_real", "batch_syn": "replay_batch_syn", "kappa": "kappa",
+            "kappa_schedule": "kappa_schedule", "pi": "pi", "distill_old_weight": "distill_old_weight",
+            "student_init": "student_init", "ema_alpha": "ema_alpha", "student_bn": "student_bn",
+            "step_ema": "replay_step_ema", "epoch_length": "replay_epoch_length", "augment": "replay_augment",
+            "teacher_mode": "teacher_mode", "optimizer": "replay_optimizer", "replay_lr": "replay_lr",
+            "grad_clip": "replay_grad_clip", "kd_weight": "replay_kd_weight",
+            "kd_temperature": "replay_kd_temperature", "seed": "seed"}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_config(cls, config: "DRCPSDConfig") -> "ReplayConfig":
+        """The group's values in a (flat) :class:`DRCPSDConfig`; an error names the flat field."""
+        group = cls.__new__(cls)
+        for name, flat in cls.FLAT.items():
+            setattr(group, name, getattr(config, flat))
+        return group.validate(flat=True)
+
+    def validate(self, *, flat: bool = False) -> "ReplayConfig":
+        """Check every field; raise :class:`ConfigError` naming the first bad one (by its :data:`FLAT` name with
+        ``flat=True``)."""
+        def name(field: str) -> str:
+            return self.FLAT[field] if flat else field
+
+        for field in ("replay_classes", "replay_filter", "student_init", "student_bn", "epoch_length", "augment",
+                      "teacher_mode", "optimizer", "kappa_schedule"):
+            _check_choice(name(field), getattr(self, field), CHOICES[self.FLAT[field]])
+        for field in ("n_replay_per_class", "replay_epochs", "batch_real", "batch_syn"):
+            _int_at_least(name(field), getattr(self, field), 1)
+        for field in ("min_steps", "seed"):
+            _int_at_least(name(field), getattr(self, field), 0)
+        if self.seed >= 2 ** 32:
+            raise ConfigError(f"{name('seed')}={self.seed!r} must be < 2**32 (what numpy and torch accept as a seed)")
+        _positive(name("kd_temperature"), self.kd_temperature)
+        for field in ("replay_lr", "grad_clip"):
+            if getattr(self, field) is not None:
+                _positive(name(field), getattr(self, field))
+        for field in ("kappa", "pi", "kd_weight", "distill_old_weight"):
+            _non_negative(name(field), getattr(self, field))
+        a = _number(name("ema_alpha"), self.ema_alpha)
+        if not 0.0 < a <= 1.0:
+            raise ConfigError(f"{name('ema_alpha')}={a!r} must be in (0, 1]")
+        if self.step_ema is not None:
+            a = _number(name("step_ema"), self.step_ema)
+            if not 0.0 < a <= 1.0:
+                raise ConfigError(f"{name('step_ema')}={a!r} must be in (0, 1] or None (off)")
+        if self.optimizer == "continue" and self.replay_lr is not None:
+            raise ConfigError(f"{name('replay_lr')}={self.replay_lr!r} with {name('optimizer')}='continue': the "
+                              f"continued optimiser keeps its own learning rate; set {name('replay_lr')}=None or "
+                              f"{name('optimizer')}='fresh'")
+        return self
+
+    @property
+    def alpha(self) -> float:
+        """The new teacher's weight in the initial student: 0.5 for ``student_init="average"``, else
+        ``ema_alpha``."""
+        return 0.5 if self.student_init == "average" else self.ema_alpha
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -199,7 +199,7 @@ def test_replay_draw_once_keeps_each_class_set(mnist_small, one_thread):
     x1, y1 = plugin.replay_set
     assert sorted(plugin.kept) == [0, 1] and plugin.kept[0].dtype == torch.uint8
     plugin.learn_classes(*_exp_tensors(mnist_small, 1))
-    plugin._replay = None
+    plugin.replay_record = None
     plugin.begin_experience(2)
     x2, y2 = plugin.replay_set
     assert sorted(plugin.kept) == [0, 1, 2, 3]
@@ -213,7 +213,7 @@ def test_replay_draw_redraw_draws_old_classes_again(mnist_small, one_thread):
     plugin.begin_experience(1)
     x1, _ = plugin.replay_set
     plugin.learn_classes(*_exp_tensors(mnist_small, 1))
-    plugin._replay = None
+    plugin.replay_record = None
     plugin.begin_experience(2)
     x2, y2 = plugin.replay_set
     assert not torch.equal(x2[y2 <= 1], x1)

@@ -259,11 +259,11 @@ def test_generator_plugin_with_naive_learns_buffer_and_samples(mnist_small):
     strategy = _naive(MLP(), [gen])
     strategy.train(mnist_small.train_stream[0])
     assert gen.learned_classes == [0, 1]
-    assert gen._replay is None, "nothing to replay in the first experience"
+    assert gen.replay_record is None, "nothing to replay in the first experience"
     strategy.train(mnist_small.train_stream[1])
     assert gen.learned_classes == [0, 1, 2, 3]
     # the replay set of experience 1 was generated before training, for the old classes only
-    assert gen._replay[0] == (0, 1) and gen._replay[2].shape == (16, 1, 28, 28)
+    assert gen.replay_record[0] == (0, 1) and gen.replay_record[2].shape == (16, 1, 28, 28)
     for phase in ("generation", "generator", "cpsd"):
         assert gen.timer.seconds[(1, phase)] > 0
     x, y = gen.sample([3], 5, seed=7)
