@@ -598,18 +598,17 @@ def _build_from_root(
 # --------------------------------------------------------------------------------------------------------------
 _BUILDER_DOC = """
 
-    Args:
-        data_root: the folder with the layout above.
-        n_experiences: 1..num_classes; classes are split near-equally, larger experiences first.
-        train_per_class / test_per_class: keep only the first k of each class after a seeded permutation
-            (None: all).
-        seed: the seed of that permutation (the benchmark is deterministic given its arguments).
-        class_order: the order in which classes arrive (default: natural order 0..K-1).
-        verify: check the files' md5 against the data folder README's md5s first.
-        cache_dir / use_cache: where decoded packed images are cached (``.npz`` data sets only).
-
-    Returns:
-        an Avalanche ``NCScenario`` with extra attributes ``class_names`` and ``spec``.
+    :param data_root: the folder with the layout above.
+    :param n_experiences: 1..num_classes; classes are split near-equally, larger experiences first.
+    :param train_per_class: keep only the first k training images of each class after a seeded permutation
+        (None: all).
+    :param test_per_class: the same for the test images.
+    :param seed: the seed of that permutation (the benchmark is deterministic given its arguments).
+    :param class_order: the order in which classes arrive (default: natural order 0..K-1).
+    :param verify: check the files' md5 against the data folder README's md5s first.
+    :param cache_dir: where decoded packed images are cached (``.npz`` data sets only).
+    :param use_cache: whether to read and write that cache.
+    :return: an Avalanche ``NCScenario`` with extra attributes ``class_names`` and ``spec``.
 """
 
 
