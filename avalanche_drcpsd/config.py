@@ -230,11 +230,14 @@ class DRCPSDConfig:
     #: *package*: directory of the synthetic-set cache (``<dir>/task_<k>/<class>/<idx>.png`` + ``manifest.json``,
     #: see :mod:`avalanche_drcpsd.synthetic_cache`); a replay set is reused when its manifest matches. None: off.
     synthetic_cache_dir: Optional[str] = None
-    #: *package*: ``redraw``: at every experience each old class's replay set is drawn again from the generator as
-    #: it now is; ``once``: a class's set is drawn once, at the start of the experience after it was learned (from
-    #: the generator as it was right after learning it), and kept for every later experience (the kept sets count
-    #: in the run's memory).
-    replay_draw: str = "redraw"
+    #: ``once``: a class's set is drawn once, at the start of the experience after it was learned (from the
+    #: generator as it was right after learning it), and kept for every later experience (the kept sets count in
+    #: the run's memory), as the original code's ``--shared_gen_replay`` keeps each task's samples in one folder;
+    #: ``redraw``: at every experience each old class's set is drawn again from the generator as it now is (the
+    #: original without that flag; this package's default until 2026-12-05). ``once`` measured better: the
+    #: generator forgets, the sets it drew right after learning a class do not (``results/generator/README.md``,
+    #: ``once_ema_heads1`` against ``profile``; ``results/split_mnist/notes.md``).
+    replay_draw: str = "once"
 
     # --- dream replay ---------------------------------------------------------------------------------
     #: which classes the synthetic half of the replay batches holds: ``old`` (the classes of earlier experiences,
