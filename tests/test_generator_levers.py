@@ -208,7 +208,7 @@ def test_replay_draw_once_keeps_each_class_set(mnist_small, one_thread):
 
 
 def test_replay_draw_redraw_draws_old_classes_again(mnist_small, one_thread):
-    plugin = _plugin(n_replay_per_class=6)
+    plugin = _plugin(replay_draw="redraw", n_replay_per_class=6)
     plugin.learn_classes(*_exp_tensors(mnist_small, 0))
     plugin.begin_experience(1)
     x1, _ = plugin.replay_set
