@@ -525,6 +525,20 @@ def load_checkpoint(out_dir: str, *, verify: bool = True) -> Optional[Checkpoint
 # ----------------------------------------------------------------------------------------------------------------
 # The run's checkpointer
 # ----------------------------------------------------------------------------------------------------------------
+def _on_start(phase: str):
+    """A ``before_<phase>`` callback that reports the phase's start to :data:`EVENT_HOOKS`."""
+    def callback(self, strategy, experience: int, **kwargs):
+        _event(experience, phase, "start")
+    return callback
+
+
+def _on_end(phase: str):
+    """An ``after_<phase>`` callback that checkpoints the end of the phase."""
+    def callback(self, strategy, experience: int, **kwargs):
+        self._save(strategy, phase, experience)
+    return callback
+
+
 class CheckpointPlugin(DRCPSDPlugin):
     """The checkpointer's ears in the strategy: placed right after the generator plugin, it hears the phases the
     strategy announces (``before_<phase>`` / ``after_<phase>``, :class:`~avalanche_drcpsd.utils.PhaseTimer`) and
@@ -552,33 +566,18 @@ class CheckpointPlugin(DRCPSDPlugin):
                                  f"training loss {loss.detach().float().mean().item()} at iteration "
                                  f"{strategy.clock.train_exp_iterations}", self.checkpointer.last_name)
 
-    def before_generation(self, strategy, experience: int, **kwargs):
-        _event(experience, "generation", "start")
-
     def before_classifier(self, strategy, experience: int, **kwargs):
         _event(experience, "classifier", "start")
         self.checkpointer.learned_before = list(strategy.generator_plugin.learned_classes)
 
-    def after_classifier(self, strategy, experience: int, **kwargs):
-        self._save(strategy, "classifier", experience)
-
-    def before_generator(self, strategy, experience: int, **kwargs):
-        _event(experience, "generator", "start")
-
-    def after_generator(self, strategy, experience: int, **kwargs):
-        self._save(strategy, "generator", experience)
-
-    def before_cpsd(self, strategy, experience: int, **kwargs):
-        _event(experience, "cpsd", "start")
-
-    def after_cpsd(self, strategy, experience: int, **kwargs):
-        self._save(strategy, "cpsd", experience)
-
-    def before_replay(self, strategy, experience: int, **kwargs):
-        _event(experience, "replay", "start")
-
-    def after_replay(self, strategy, experience: int, **kwargs):
-        self._save(strategy, "replay", experience)
+    before_generation = _on_start("generation")
+    before_generator = _on_start("generator")
+    before_cpsd = _on_start("cpsd")
+    before_replay = _on_start("replay")
+    after_classifier = _on_end("classifier")
+    after_generator = _on_end("generator")
+    after_cpsd = _on_end("cpsd")
+    after_replay = _on_end("replay")
 
 
 class Checkpointer:
