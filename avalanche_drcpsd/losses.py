@@ -28,7 +28,12 @@ __all__ = [
 
 
 def snr_from_alphas_cumprod(alphas_cumprod: Tensor, timesteps: Tensor) -> Tensor:
-    r""":math:`\mathrm{SNR}(t) = \bar\alpha_t / (1 - \bar\alpha_t)` for each timestep (shape ``(B,)``)."""
+    r""":math:`\mathrm{SNR}(t) = \bar\alpha_t / (1 - \bar\alpha_t)` for each timestep (shape ``(B,)``).
+
+    The quantity of diffusers' ``training_utils.compute_snr`` (tested equal to float32 rounding), which takes a
+    scheduler and computes :math:`(\sqrt{\bar\alpha_t}/\sqrt{1-\bar\alpha_t})^2`: that form differs from this one in
+    the last bits at 642 of the 1000 timesteps of the linear schedule, so calling it would move every committed
+    generator result away from its CSV. This form is kept; the generators' ``snr`` calls it."""
     a = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
     return a / (1.0 - a)
 

@@ -56,6 +56,18 @@ def test_snr_from_alphas_cumprod_float64_schedule_gives_float32():
     assert snr.tolist() == [approx(1.5), approx(4.0)]
 
 
+def test_snr_from_alphas_cumprod_is_diffusers_compute_snr():
+    """The same quantity as diffusers' ``compute_snr`` on a real schedule, to float32 rounding (its sqrt-then-square
+    differs from a / (1 - a) in the last bits, which is why the package keeps its one-line form: see losses.py)."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    timesteps = torch.tensor([0, 1, 10, 250, 500, 999, 999, 3])
+    ours = snr_from_alphas_cumprod(scheduler.alphas_cumprod, timesteps)
+    torch.testing.assert_close(ours, compute_snr(scheduler, timesteps), rtol=1e-6, atol=0)
+
+
 def test_min_snr_weights_gamma_5():
     snr = torch.tensor([10.0, 2.0, 5.0, 20.0])
     # min(10, 5)/10 = 0.5; min(2, 5)/2 = 1; min(5, 5)/5 = 1; min(20, 5)/20 = 0.25

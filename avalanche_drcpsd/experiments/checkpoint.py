@@ -694,6 +694,10 @@ class Checkpointer:
         return ckpt
 
     def _plain_state(self) -> Dict[str, Any]:
+        """The run's state that is not a tensor file. Three of its entries are Avalanche's private attributes, read
+        because Avalanche gives them no accessor and a resumed run must continue them: the evaluator's metric values
+        not yet sent to its loggers (``_metric_values``) and whether it is collecting (``_active``), and the
+        template's ``_stop_training`` flag (set by early stopping within an experience)."""
         s = self.strategy
         ev = s.evaluator
         plugins = []
