@@ -304,3 +304,9 @@ def test_index_gathers_every_benchmark_summary_into_one_table(tmp_path):
     update_index(str(tmp_path))
     again = readme.read_text()
     assert again.count("comparison table: begin") == 1 and "0.200 ± 0.000" in again and "0.550" not in again
+
+    _summary(tmp_path / "split_mnist_fresh", [("drcpsd", "42", 0.7, 0.0, 0)])  # a study of one recipe change
+    assert {r["benchmark"] for r in comparison_rows(str(tmp_path))} == {"split_mnist", "split_fmnist"}
+    update_index(str(tmp_path), studies=True)
+    header = [line for line in readme.read_text().splitlines() if line.startswith("| strategy")]
+    assert header == ["| strategy | split_mnist | split_fmnist | split_mnist_fresh |"], "studies follow the benchmarks"

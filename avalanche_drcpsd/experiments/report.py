@@ -581,13 +581,15 @@ INDEX_BEGIN = ("<!-- comparison table: begin (written by python -m avalanche_drc
 INDEX_END = "<!-- comparison table: end -->"
 
 
-def comparison_rows(root: str) -> List[Dict[str, object]]:
+def comparison_rows(root: str, studies: bool = False) -> List[Dict[str, object]]:
     """Every ``<root>/<benchmark>/summary.csv`` written by :func:`build_report`, as one list of rows with a
-    ``benchmark`` column (the public benchmarks in their usual order, split then FSCIL, then other folders by name;
-    other summaries are skipped)."""
+    ``benchmark`` column (the public benchmarks in their usual order, split then FSCIL; other summaries are
+    skipped). A folder not named after a benchmark (a study of one recipe change, e.g. ``split_mnist_fresh``) is
+    left out unless ``studies``, then it follows the benchmarks by name."""
     order = SPLIT_BENCHMARKS + FSCIL_BENCHMARKS
     rows: List[Dict[str, object]] = []
-    for name in sorted(os.listdir(root), key=lambda n: (order.index(n) if n in order else len(order), n)):
+    names = [n for n in os.listdir(root) if studies or n in order]
+    for name in sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n)):
         path = os.path.join(root, name, "summary.csv")
         if not os.path.isfile(path):
             continue
@@ -625,10 +627,11 @@ def comparison_table(rows: Sequence[Dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def update_index(root: str, readme: Optional[str] = None) -> str:
+def update_index(root: str, readme: Optional[str] = None, studies: bool = False) -> str:
     """Write ``<root>/comparison.csv`` and put :func:`comparison_table` between the comparison markers of
-    ``readme`` (default ``<root>/README.md``; the block is appended when the markers are absent)."""
-    rows = comparison_rows(root)
+    ``readme`` (default ``<root>/README.md``; the block is appended when the markers are absent); ``studies`` as
+    :func:`comparison_rows`."""
+    rows = comparison_rows(root, studies)
     atomic_write_csv(os.path.join(root, "comparison.csv"), rows)
     readme = readme or os.path.join(root, "README.md")
     begin = INDEX_BEGIN.format(root=root)
@@ -653,10 +656,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--index", action="store_true",
                         help="rebuild the cross-benchmark table (comparison.csv and the table in README.md) from "
                              "the benchmark folders' summary.csv files")
+    parser.add_argument("--studies", action="store_true",
+                        help="with --index: also the report folders not named after a benchmark (e.g. "
+                             "split_mnist_fresh), as columns after the benchmarks")
     args = parser.parse_args(argv)
     try:
         if args.index:
-            print(f"wrote {update_index(args.folder)}")
+            print(f"wrote {update_index(args.folder, studies=args.studies)}")
             return 0
         rows = build_report(args.folder, args.title)
     except ReportError as exc:
