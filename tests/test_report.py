@@ -310,3 +310,5 @@ def test_index_gathers_every_benchmark_summary_into_one_table(tmp_path):
     update_index(str(tmp_path), studies=True)
     header = [line for line in readme.read_text().splitlines() if line.startswith("| strategy")]
     assert header == ["| strategy | split_mnist | split_fmnist | split_mnist_fresh |"], "studies follow the benchmarks"
+    with pytest.raises(SystemExit):
+        report_main([str(tmp_path / "split_mnist"), "--studies"])

@@ -660,6 +660,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="with --index: also the report folders not named after a benchmark (e.g. "
                              "split_mnist_fresh), as columns after the benchmarks")
     args = parser.parse_args(argv)
+    if args.studies and not args.index:
+        parser.error("--studies only applies with --index (the cross-benchmark table)")
     try:
         if args.index:
             print(f"wrote {update_index(args.folder, studies=args.studies)}")
