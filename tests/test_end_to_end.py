@@ -87,11 +87,24 @@ def test_drcpsd_keeps_more_old_class_accuracy_than_naive(mnist_e2e, drcpsd_run, 
     torch.testing.assert_close(a, b)
 
 
-def test_runner_writes_logs_state_and_summary(tmp_path):
+def test_runner_writes_logs_state_and_summary(tmp_path, monkeypatch):
     """The runner on the embedded default data (no data root), with a tiny budget."""
+    from avalanche_drcpsd.plugins.generator import CPSDGeneratorPlugin
+
+    calls = []
+    sample = CPSDGeneratorPlugin.sample
+
+    def counted(self, classes, n_per_class, **kwargs):
+        calls.append((kwargs.get("desc"), list(classes), n_per_class))
+        return sample(self, classes, n_per_class, **kwargs)
+
+    monkeypatch.setattr(CPSDGeneratorPlugin, "sample", counted)
     exp = ExperimentConfig(benchmark="default", benchmark_args={"n_experiences": 2}, train_epochs=1,
                            drcpsd=tiny_config(gap_samples_per_class=4))
     summary = run_experiment(exp, str(tmp_path), verbose=False)
+    # the MMD gap and the sample grid share one draw per experience: 8 images of each learned class (the grid's)
+    measurement = [c for c in calls if not (c[0] or "").startswith("exp ")]  # the generation phase's are "exp <k> ..."
+    assert measurement == [("measurement samples", list(range(5)), 8), ("measurement samples", list(range(10)), 8)]
     assert 0.0 <= summary["final_average_accuracy"] <= 1.0
     assert set(summary["phase_time_s"]) == {"classifier", "generation", "generator", "cpsd", "replay"}
     logs = tmp_path / "logs"

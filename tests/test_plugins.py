@@ -254,6 +254,32 @@ def test_mmd_plugin_publishes_per_class_gap(mnist_small):
     assert gap1 > 0.1
 
 
+def test_mmd_plugin_measures_samples_it_is_given(mnist_small):
+    """``use_samples``: the gap of the next evaluation is measured on the given images (the first
+    ``samples_per_class`` of each class); a class given too few is sampled from the source."""
+    x_test, y_test = dataset_tensors(mnist_small.test_stream[0].dataset)
+    asked = []
+
+    class NoiseSource:
+        learned_classes = [0, 1]
+        input_space = InputSpace.unit(1)
+
+        def sample(self, classes, n_per_class, seed=0):
+            asked.extend(classes)
+            return torch.rand(n_per_class, 1, 28, 28), torch.full((n_per_class,), classes[0])
+
+    mmd = MMDPlugin(NoiseSource(), samples_per_class=10)
+    strategy = _naive(MLP(), [mmd])
+    given = torch.cat([x_test[y_test == 0][:12], torch.rand(3, 1, 28, 28)])
+    mmd.use_samples(given, torch.tensor([0] * 12 + [1] * 3), trained=0)
+    results = strategy.eval(mnist_small.test_stream[:1])
+    assert results["RealSynMMD/eval_phase/test_stream/Class000"] == pytest.approx(0.0, abs=1e-5)
+    assert results["RealSynMMD/eval_phase/test_stream/Class001"] > 0.1
+    assert asked == [1], "class 1 was given 3 images, fewer than samples_per_class: the plugin drew its own"
+    with pytest.raises(ValueError, match="15 images but 2 labels"):
+        mmd.use_samples(given, torch.tensor([0, 1]), trained=0)
+
+
 def test_generator_plugin_with_naive_learns_buffer_and_samples(mnist_small):
     gen = CPSDGeneratorPlugin(tiny_config(), class_names=mnist_small.class_names, verbose=False)
     strategy = _naive(MLP(), [gen])

@@ -27,7 +27,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -204,6 +204,31 @@ def default_experiment() -> ExperimentConfig:
     return ExperimentConfig.from_json(DEFAULT_EXPERIMENT)
 
 
+#: images per class in ``samples_exp<k>.png``
+GRID_PER_CLASS = 8
+#: the seed of the synthetic images every measurement of an experience shares (:func:`_measurement_samples`)
+MEASUREMENT_SEED = 54321
+
+
+def _measurement_samples(strategy, exp: ExperimentConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One draw per experience, before its evaluation, for every measurement of the synthetic images: of each
+    learned class as many as the largest measurement takes (FID/KID's ``fidelity_samples_per_class`` when an
+    extractor is set, the MMD gap's ``gap_samples_per_class``, the sample grid's :data:`GRID_PER_CLASS`), seed
+    :data:`MEASUREMENT_SEED`; each takes the first ones of every class (drawing them apart cost the CPU profiles 140
+    images per class and experience instead of 100: 11% of a Split-MNIST run's wall time)."""
+    n = GRID_PER_CLASS
+    if exp.fidelity_extractor:
+        n = max(n, exp.fidelity_samples_per_class)
+    mmd = getattr(strategy, "mmd_plugin", None)
+    if mmd is not None:
+        n = max(n, mmd.samples_per_class)
+    x, y = strategy.generator_plugin.sample(strategy.buffer.classes, n, seed=MEASUREMENT_SEED,
+                                            desc="measurement samples")
+    if mmd is not None:
+        mmd.use_samples(x, y, strategy.clock.train_exp_counter)
+    return x, y
+
+
 def _image_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int):
     """A (classes x per_class) grid as a PIL image."""
     from torchvision.transforms.functional import to_pil_image
@@ -342,6 +367,7 @@ def run_experiment(exp: ExperimentConfig, out_dir: str, *, verbose: bool = True,
                 strategy.train(step)
             if checkpointer is not None:
                 checkpointer.eval_started(exp_id)
+            measured = _measurement_samples(strategy, exp) if isinstance(strategy, DRCPSD) else None
             results = strategy.eval(benchmark.test_stream)
         except FloatingPointError as exc:
             if isinstance(exc, NonFiniteError):
@@ -352,12 +378,10 @@ def run_experiment(exp: ExperimentConfig, out_dir: str, *, verbose: bool = True,
         acc = results["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
         history.append({"experience": exp_id, "stream_accuracy": acc, "elapsed_s": time.perf_counter() - start})
         if isinstance(strategy, DRCPSD) and exp.fidelity_extractor:
-            _publish_fidelity(strategy, benchmark, exp_id, exp)
+            _publish_fidelity(strategy, benchmark, exp_id, exp, measured)
         if isinstance(strategy, DRCPSD):
             strategy.save(os.path.join(out_dir, "state"))
-            learned = strategy.buffer.classes
-            x, y = strategy.generator_plugin.sample(learned, 8, seed=12345, desc="sample grid")
-            grid = _image_grid(x, y, 8)
+            grid = _image_grid(*measured, GRID_PER_CLASS)
             atomic_write(os.path.join(out_dir, f"samples_exp{exp_id}.png"), lambda tmp: grid.save(tmp, format="PNG"))
         if checkpointer is not None:
             checkpointer.eval_ended(exp_id)
@@ -506,9 +530,11 @@ def format_main_job_table(rows: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _publish_fidelity(strategy, benchmark, exp_id: int, exp: ExperimentConfig) -> None:
+def _publish_fidelity(strategy, benchmark, exp_id: int, exp: ExperimentConfig,
+                      measured: Tuple[torch.Tensor, torch.Tensor]) -> None:
     """FID/KID (the project's feature extractor) between the learned classes' real test images and as many
-    synthetic samples per class, published as ``RealSynFID/Exp<eee>`` and ``RealSynKID/Exp<eee>``."""
+    synthetic samples per class (the first ``fidelity_samples_per_class`` of each class in ``measured``,
+    :func:`_measurement_samples`), published as ``RealSynFID/Exp<eee>`` and ``RealSynKID/Exp<eee>``."""
     from avalanche.evaluation.metric_results import MetricValue
 
     from ..logging import flush_metric_values
@@ -523,7 +549,7 @@ def _publish_fidelity(strategy, benchmark, exp_id: int, exp: ExperimentConfig) -
         x = strategy.generator_plugin.input_space.to_unit(x)  # both sides in pixels
         for c in learned:
             real.append(x[y == c][:n])
-    syn, _ = strategy.generator_plugin.sample(learned, n, seed=54321, desc="fidelity samples")
+    syn = torch.cat([measured[0][measured[1] == c][:n] for c in learned])
     m = fid_kid(torch.cat(real), syn, exp.fidelity_extractor)
     for key, name in (("fid", "RealSynFID"), ("kid_mean", "RealSynKID")):
         strategy.evaluator.publish_metric_value(

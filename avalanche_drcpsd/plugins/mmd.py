@@ -49,6 +49,19 @@ class MMDPlugin(StatefulPlugin):
         self._synthetic: Dict[int, Tensor] = {}
         self._synthetic_of: Optional[int] = None
 
+    def use_samples(self, x: Tensor, y: Tensor, trained: int) -> None:
+        """Take the synthetic side of the next evaluation (after ``trained`` training experiences) from ``x, y``
+        (pixels in [0, 1], labels): the first ``samples_per_class`` of each class that has that many; the classes it
+        lacks are still sampled by the plugin. It lets one draw per experience serve every measurement of a run
+        (:func:`avalanche_drcpsd.experiments.run.run_experiment`: the FID/KID samples and the sample grid)."""
+        if len(x) != len(y):
+            raise ValueError(f"use_samples: {len(x)} images but {len(y)} labels")
+        self._synthetic, self._synthetic_of = {}, trained
+        for cls in y.unique().tolist():
+            xs = x[y == cls]
+            if len(xs) >= self.samples_per_class:
+                self._synthetic[int(cls)] = xs[: self.samples_per_class]
+
     def _synthetic_for(self, cls: int, trained: int) -> Tensor:
         if self._synthetic_of != trained:
             self._synthetic, self._synthetic_of = {}, trained
