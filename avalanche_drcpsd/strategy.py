@@ -85,6 +85,8 @@ class DRCPSD(SupervisedTemplate):
         own = [self.generator_plugin, self.distill_plugin, self.replay_plugin]
         if self.config.logit_mask == "seen":
             own.insert(0, SeenClassMaskPlugin())
+        #: the real-vs-synthetic gap metric; None when ``gap_samples_per_class`` < 2 (off)
+        self.mmd_plugin: Optional[MMDPlugin] = None
         if self.config.gap_samples_per_class >= 2:
             self.mmd_plugin = MMDPlugin(self.generator_plugin, samples_per_class=self.config.gap_samples_per_class,
                                         seed=self.config.seed)

@@ -219,7 +219,7 @@ def _measurement_samples(strategy, exp: ExperimentConfig) -> Tuple[torch.Tensor,
     n = GRID_PER_CLASS
     if exp.fidelity_extractor:
         n = max(n, exp.fidelity_samples_per_class)
-    mmd = getattr(strategy, "mmd_plugin", None)
+    mmd = strategy.mmd_plugin
     if mmd is not None:
         n = max(n, mmd.samples_per_class)
     x, y = strategy.generator_plugin.sample(strategy.buffer.classes, n, seed=MEASUREMENT_SEED,
