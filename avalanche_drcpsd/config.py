@@ -40,6 +40,7 @@ CHOICES = {
     "logit_mask": ("none", "seen"),
     "teacher_mode": ("eval", "student"),
     "replay_optimizer": ("fresh", "continue"),
+    "replay_lr_schedule": ("constant", "cosine"),
     "mmd_kind": ("mean", "gaussian"),
     "sampler": ("dpm", "ddim"),
     "student_init": ("average", "ema", "fresh"),
@@ -91,6 +92,7 @@ REFERENCE: Dict[str, Any] = {
     "replay_draw": "once", "replay_classes": "seen", "replay_filter": "none", "n_replay_per_class": 6000,
     "replay_augment": "reference", "replay_epochs": 1, "replay_epoch_length": "shorter", "replay_min_steps": 0,
     "replay_batch_real": 16, "replay_batch_syn": 16, "replay_lr": None, "replay_optimizer": "continue",
+    "replay_lr_schedule": "constant",
     "replay_grad_clip": None, "kappa": 0.05, "kappa_schedule": "constant", "pi": 0.5, "distill_old_weight": 0.5,
     "distill_targets": "both", "replay_kd_weight": 0.0, "student_init": "average", "student_bn": "new",
     "replay_step_ema": None, "logit_mask": "seen", "teacher_mode": "student",
@@ -270,6 +272,13 @@ class DRCPSDConfig:
     replay_batch_syn: int = 16
     #: None: the classifier's own learning rate (a fresh optimiser of the same class and settings).
     replay_lr: Optional[float] = None
+    #: the replay optimiser's learning rate over the phase: ``constant`` (the reference: its annealing phase steps
+    #: a per-epoch ``MultiStepLR`` whose milestone, ``c_epochs - 10``, ``run_cifar10.sh``'s ``c_epochs=1`` never
+    #: reaches; ``backbone/train.py`` l. 264-265, 402) or *package* ``cosine``: annealed from its rate to 0 over
+    #: the phase's optimiser steps (diffusers' ``get_scheduler("cosine")``), so that the student the phase ends
+    #: with is not a snapshot taken at full rate. With ``replay_optimizer="continue"`` the strategy optimiser's
+    #: rates are restored after the phase.
+    replay_lr_schedule: str = "constant"
     #: *package*: clip the student's gradient norm during replay (None: off, as in the reference).
     replay_grad_clip: Optional[float] = None
     #: weight of the real-data CE in the isolation loss CE(syn) + kappa * CE(real).
@@ -524,6 +533,7 @@ class ReplayConfig:
     teacher_mode: str = _flat_default("teacher_mode")
     optimizer: str = _flat_default("replay_optimizer")
     replay_lr: Optional[float] = _flat_default("replay_lr")
+    lr_schedule: str = _flat_default("replay_lr_schedule")
     grad_clip: Optional[float] = _flat_default("replay_grad_clip")
     kd_weight: float = _flat_default("replay_kd_weight")
     kd_temperature: float = _flat_default("replay_kd_temperature")
@@ -537,6 +547,7 @@ class ReplayConfig:
             "student_init": "student_init", "ema_alpha": "ema_alpha", "student_bn": "student_bn",
             "step_ema": "replay_step_ema", "epoch_length": "replay_epoch_length", "augment": "replay_augment",
             "teacher_mode": "teacher_mode", "optimizer": "replay_optimizer", "replay_lr": "replay_lr",
+            "lr_schedule": "replay_lr_schedule",
             "grad_clip": "replay_grad_clip", "kd_weight": "replay_kd_weight",
             "kd_temperature": "replay_kd_temperature", "seed": "seed"}
 
@@ -557,9 +568,9 @@ class ReplayConfig:
         def name(field: str) -> str:
             return self.FLAT[field] if flat else field
 
-        for field in ("replay_classes", "replay_filter", "student_init", "student_bn", "epoch_length", "augment",
-                      "teacher_mode", "optimizer", "kappa_schedule"):
-            _check_choice(name(field), getattr(self, field), CHOICES[self.FLAT[field]])
+        for field, flat_name in self.FLAT.items():
+            if flat_name in CHOICES:
+                _check_choice(name(field), getattr(self, field), CHOICES[flat_name])
         for field in ("n_replay_per_class", "replay_epochs", "batch_real", "batch_syn"):
             _int_at_least(name(field), getattr(self, field), 1)
         for field in ("min_steps", "seed"):

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .config import DRCPSDConfig
 from .generator import Generator
 from .losses import generative_distillation_loss, ldm_loss
+from .utils import lr_schedule
 
 __all__ = ["DistillationSource", "train_generator", "drop_conditions", "lr_schedule", "weight_ema"]
 
@@ -52,16 +53,6 @@ def drop_conditions(cond: Tensor, null: Tensor, p: float, rng: torch.Generator) 
         return cond
     mask = (torch.rand(cond.shape[0], generator=rng) < p).to(cond.device).view(-1, 1, 1)
     return torch.where(mask, null.expand_as(cond), cond)
-
-
-def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup: int, steps: int):
-    """diffusers' ``get_scheduler`` for the generator phase (None: a constant rate with no warm-up)."""
-    from diffusers.optimization import get_scheduler
-
-    if kind == "constant" and warmup == 0:
-        return None
-    name = "cosine" if kind == "cosine" else "constant_with_warmup"
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(steps, 1))
 
 
 def weight_ema(params: Sequence[torch.nn.Parameter], decay: float):

@@ -29,12 +29,13 @@ def train_student(model: nn.Module, real: DataLoader, syn: DataLoader, loss: Rep
                   optimizer: torch.optim.Optimizer, *, steps: int, epochs: int, device: torch.device,
                   syn_transform: Optional[Callable[[Tensor], Tensor]] = None, grad_clip: Optional[float] = None,
                   step_ema: Optional[float] = None, desc: str = "replay", verbose: bool = False,
-                  on_error: str = "") -> Dict[str, List[float]]:
+                  on_error: str = "", scheduler=None) -> Dict[str, List[float]]:
     r"""``epochs`` x ``steps`` optimiser steps of ``model`` (in train mode, in place) on paired batches of the
     ``real`` and ``syn`` loaders, each cycled (reshuffled at every pass) and zipped; ``syn_transform`` is applied to
     the synthetic half. After each step with ``step_ema`` :math:`a`:
     :math:`\theta \leftarrow a\,\theta + (1-a)\,\theta_{before}`. ``grad_clip`` clips the gradient norm (the norm
-    is traced either way). A non-finite loss raises :class:`FloatingPointError` (``on_error`` ends its message).
+    is traced either way); ``scheduler`` (a learning-rate scheduler of ``optimizer``, or None) steps after every
+    optimiser step. A non-finite loss raises :class:`FloatingPointError` (``on_error`` ends its message).
     Returns ``{term: [value per step]}`` for every term of ``loss`` and ``grad_norm``."""
     bar = tqdm(total=steps * epochs, desc=desc, disable=not verbose, leave=False)
     trace: Dict[str, List[float]] = {}
@@ -52,6 +53,8 @@ def train_student(model: nn.Module, real: DataLoader, syn: DataLoader, loss: Rep
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
             before = [p.detach().clone() for p in model.parameters()] if step_ema is not None else None
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             if before is not None:
                 with torch.no_grad():
                     for p, b in zip(model.parameters(), before):

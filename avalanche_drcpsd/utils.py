@@ -37,6 +37,7 @@ __all__ = [
     "experience_classes",
     "is_last_experience",
     "check_experience_data",
+    "lr_schedule",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -349,3 +350,15 @@ def check_experience_data(dataset: Any, *, image_shape: Sequence[int], num_class
         lo, hi = float(x.min()), float(x.max())
         if lo < -1e-6 or hi > 1 + 1e-6:
             raise DataError(f"{where}: item {i} has values in [{lo:.3g}, {hi:.3g}], expected images in [0, 1]")
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup: int, steps: int):
+    """diffusers' ``get_scheduler`` for a training phase of ``steps`` optimiser steps: ``cosine`` (annealed to 0
+    after ``warmup`` warm-up steps) or ``constant`` (after the warm-up); None for a constant rate with no
+    warm-up."""
+    from diffusers.optimization import get_scheduler
+
+    if kind == "constant" and warmup == 0:
+        return None
+    name = "cosine" if kind == "cosine" else "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(steps, 1))

@@ -22,7 +22,12 @@ settings (guidance scale, sampler steps, images per class), each class once righ
 its kept sets (with ``generator_distill_weight=0``, the CPU profiles' setting).
 
 ``--rescore SETS --cas-seeds 0,1,2,3,4`` trains nothing: it measures the CAS of saved sets once per CAS classifier
-seed, to separate a set's quality from the CAS classifier's own seed.
+seed, to separate a set's quality from the CAS classifier's own seed, and beside it the same recipe trained on as
+many real images per class (what a perfect generator's set would score).
+
+The CAS classifier anneals its learning rate to 0 (``--cas-schedule cosine``, the default since 2026-12-05);
+every ablation row before that was measured at a constant rate (``constant``, named in the row's
+``cas_schedule`` column), whose score depends on where the last step left the weights.
 
 ``--iid`` is the bound without forgetting: one experience holding every class, with the generator steps of all
 experiences together (the same budget).
@@ -55,7 +60,7 @@ import torch  # noqa: E402
 from avalanche_drcpsd.config import DRCPSDConfig  # noqa: E402
 from avalanche_drcpsd.data import make_benchmark  # noqa: E402
 from avalanche_drcpsd.experiments.compare import ensure_feature_extractor, profile_config  # noqa: E402
-from avalanche_drcpsd.experiments.fidelity import classification_accuracy_score, fid_kid  # noqa: E402
+from avalanche_drcpsd.experiments.fidelity import CAS_SCHEDULES, classification_accuracy_score, fid_kid  # noqa: E402
 from avalanche_drcpsd.experiments.run import _image_grid, default_experiment  # noqa: E402
 from avalanche_drcpsd.plugins.generator import CPSDGeneratorPlugin  # noqa: E402
 from avalanche_drcpsd.synthetic_cache import to_uint8  # noqa: E402
@@ -68,7 +73,7 @@ GENERATOR_PHASES = ("generator", "cpsd", "generation")
 #: generator is trained
 DRAW_FIELDS = ("guidance_scale", "guidance_draw", "sampling_steps", "sampler", "n_replay_per_class")
 ABLATION_COLUMNS = ("benchmark", "variant", "iid", "experiences", "final_mean_cas", "min_cas", "min_cas_class",
-                    "fid", "kid", "generator_seconds", "threads", "overrides")
+                    "fid", "kid", "generator_seconds", "threads", "overrides", "cas_schedule")
 
 
 def load_variants(path: str = VARIANTS_FILE) -> Dict[str, Dict[str, Any]]:
@@ -95,7 +100,8 @@ def _streams(benchmark, iid: bool):
 
 def run_variant(benchmark_name: str, variant: str, overrides: Dict[str, Any], *, profile: str, data_root: str,
                 out: str, iid: bool, threads: int, cas_epochs: int, seed: int, verbose: bool = True,
-                experiences: int = 0, draws: Optional[Dict[str, Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+                experiences: int = 0, draws: Optional[Dict[str, Dict[str, Any]]] = None,
+                cas_schedule: str = "cosine") -> List[Dict[str, Any]]:
     """Train the generator over the experiences and measure the replay set after each; with ``draws``
     (alternative name -> sampling fields of ``DRCPSDConfig``) also a kept set per alternative, each class drawn
     once right after it is learned with those fields. One ablation row per set."""
@@ -130,7 +136,7 @@ def run_variant(benchmark_name: str, variant: str, overrides: Dict[str, Any], *,
         phase = {p: plugin.timer.seconds.get((e, p), 0.0) for p in ("generator", "cpsd")}
         phase["generation"] = plugin.timer.seconds.get((e + 1, "generation"), 0.0)
         _measure(rows, name, e, seen, xs, ys, x_test, y_test, extractor, phase, learn_s, folder,
-                 benchmark_name=benchmark_name, cas_epochs=cas_epochs, seed=seed)
+                 benchmark_name=benchmark_name, cas_epochs=cas_epochs, seed=seed, cas_schedule=cas_schedule)
         base_config = plugin.config
         for alt, fields in draws.items():
             new = [k for k in seen if k not in alt_kept[alt]]
@@ -144,7 +150,7 @@ def run_variant(benchmark_name: str, variant: str, overrides: Dict[str, Any], *,
             xa, ya = _kept_pixels(alt_kept[alt], seen)
             _measure(alt_rows[alt], f"{name}@{alt}", e, seen, xa, ya, x_test, y_test, extractor,
                      {**phase, "generation": draw_s}, learn_s, folder,
-                     benchmark_name=benchmark_name, cas_epochs=cas_epochs, seed=seed)
+                     benchmark_name=benchmark_name, cas_epochs=cas_epochs, seed=seed, cas_schedule=cas_schedule)
     summaries = [_finish(folder, name, rows, xs, ys, benchmark_name, seed, config, iid=iid, threads=threads,
                          overrides=overrides)]
     for alt, fields in draws.items():
@@ -161,16 +167,18 @@ def _kept_pixels(kept: Dict[int, torch.Tensor], seen: List[int]):
 
 
 def _measure(rows, name, e, seen, xs, ys, x_test, y_test, extractor, phase, learn_s, folder, *, benchmark_name,
-             cas_epochs, seed) -> None:
+             cas_epochs, seed, cas_schedule) -> None:
     """CAS per class and FID/KID of the replay set ``xs, ys`` after experience ``e``: appends one row per seen
     class to ``rows``, rewrites ``<name>.partial.csv`` and draws the sample grid."""
-    cas = classification_accuracy_score(xs, ys, x_test, y_test, epochs=cas_epochs, seed=seed)
+    cas = classification_accuracy_score(xs, ys, x_test, y_test, epochs=cas_epochs, seed=seed,
+                                        schedule=cas_schedule)
     real = x_test[torch.isin(y_test, torch.tensor(seen))]
     fk = fid_kid(real, xs, extractor)
     for k in seen:
         rows.append({"benchmark": benchmark_name, "variant": name, "experience": e, "class": k,
                      "cas": round(cas[k], 4), "fid": round(fk["fid"], 3), "kid": round(fk["kid_mean"], 5),
-                     **{f"{p}_s": round(v, 1) for p, v in phase.items()}, "wall_s": round(learn_s, 1)})
+                     **{f"{p}_s": round(v, 1) for p, v in phase.items()}, "wall_s": round(learn_s, 1),
+                     "cas_schedule": cas_schedule})
     atomic_write_csv(os.path.join(folder, f"{name}.partial.csv"), rows)
     grid = _image_grid(xs, ys, per_class=8)
     atomic_write(os.path.join(folder, f"{name}_samples_exp{e}.png"), lambda tmp: grid.save(tmp, format="PNG"))
@@ -210,7 +218,9 @@ def summarise(rows: List[Dict[str, Any]], *, iid: bool, threads: int, overrides:
             "experiences": last_exp + 1, "final_mean_cas": round(sum(r["cas"] for r in last) / len(last), 4),
             "min_cas": worst["cas"], "min_cas_class": worst["class"], "fid": last[0]["fid"], "kid": last[0]["kid"],
             "generator_seconds": round(seconds, 1), "threads": threads,
-            "overrides": json.dumps(overrides, sort_keys=True)}
+            "overrides": json.dumps(overrides, sort_keys=True),
+            # rows written before the CAS classifier had a schedule were all measured at a constant rate
+            "cas_schedule": last[0].get("cas_schedule") or "constant"}
 
 
 def _heat_map(rows: List[Dict[str, Any]], path: str, *, title: str) -> None:
@@ -244,6 +254,8 @@ def upsert_ablation(path: str, row: Dict[str, Any]) -> None:
             rows = [r for r in csv.DictReader(fh) if (r["benchmark"], r["variant"], str(r["experiences"]))
                     != (row["benchmark"], row["variant"], str(row["experiences"]))]
     rows.append({k: row[k] for k in ABLATION_COLUMNS})
+    for r in rows:  # rows from before the column existed were measured at a constant rate
+        r["cas_schedule"] = r.get("cas_schedule") or "constant"
     rows.sort(key=lambda r: (r["benchmark"], int(r["experiences"]), r["variant"]))
     atomic_write_csv(path, rows)
 
@@ -295,6 +307,9 @@ def main(argv=None) -> int:
     parser.add_argument("--iid", action="store_true", help="one experience with every class, the same total steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cas-epochs", type=int, default=3)
+    parser.add_argument("--cas-schedule", choices=CAS_SCHEDULES, default="cosine",
+                        help="the CAS classifier's learning rate over its epochs (constant: the recipe of every "
+                             "ablation row before 2026-12-05, named in its cas_schedule column)")
     parser.add_argument("--experiences", type=int, default=0,
                         help="only the first N experiences (a screen of one learning phase; 0: all)")
     parser.add_argument("--seed", type=int, default=42)
@@ -325,7 +340,7 @@ def main(argv=None) -> int:
         return 0
     if args.rescore is not None:
         rescore(args.rescore, [int(v) for v in args.cas_seeds.split(",") if v.strip()], data_root=args.data_root,
-                profile=args.profile, cas_epochs=args.cas_epochs)
+                profile=args.profile, cas_epochs=args.cas_epochs, cas_schedule=args.cas_schedule)
         return 0
     os.makedirs(args.out, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -344,36 +359,60 @@ def main(argv=None) -> int:
             continue
         for row in run_variant(args.benchmark, label, overrides, profile=args.profile, data_root=args.data_root,
                                out=args.out, iid=args.iid, threads=args.threads, cas_epochs=args.cas_epochs,
-                               seed=args.seed, verbose=not args.quiet, experiences=args.experiences, draws=draws):
+                               seed=args.seed, verbose=not args.quiet, experiences=args.experiences, draws=draws,
+                               cas_schedule=args.cas_schedule):
             upsert_ablation(os.path.join(args.out, "ablation.csv"), row)
             print(f"[{row['variant']}] final mean CAS {row['final_mean_cas']}, min {row['min_cas']} (class "
                   f"{row['min_cas_class']}), FID {row['fid']}, generator {row['generator_seconds']} s", flush=True)
     return 0
 
 
-def rescore(path: str, seeds: List[int], *, data_root: str, profile: str, cas_epochs: int) -> List[Dict[str, Any]]:
+def rescore(path: str, seeds: List[int], *, data_root: str, profile: str, cas_epochs: int,
+            cas_schedule: str = "cosine") -> List[Dict[str, Any]]:
     """CAS per class of the sets saved at ``path`` with each CAS classifier seed: how much of a class's CAS is the
-    CAS classifier's own seed. Writes ``<path without _sets.pt>_cas_seeds.csv`` (one row per class) and returns
-    its rows."""
+    CAS classifier's own seed. Beside it, per class, the same recipe trained on as many *real* training images of
+    each class as the set holds (drawn per seed): the score a perfect generator would get (``real_cas_*``).
+    Writes ``<path without _sets.pt>_cas_seeds[_constant].csv`` (one row per class) and returns its rows."""
     sets = torch.load(path, weights_only=False)
     name = sets["benchmark"]
     exp = experiment_for(name, profile, data_root)
     benchmark = make_benchmark(exp.benchmark, exp.data_root, seed=sets["seed"], **exp.benchmark_args)
-    _, (x_test, y_test) = _streams(benchmark, iid=False)
+    [(x_train, y_train)], (x_test, y_test) = _streams(benchmark, iid=True)
     x, y = sets["images"].float() / 255, sets["labels"]
-    per_seed = [classification_accuracy_score(x, y, x_test, y_test, epochs=cas_epochs, seed=s) for s in seeds]
+    classes = sorted(int(k) for k in y.unique())
+    per_class = min(int((y == k).sum()) for k in classes)
+
+    def real_subset(seed: int):
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.cat([torch.nonzero(y_train == k).flatten()[torch.randperm(int((y_train == k).sum()),
+                                                                              generator=g)[:per_class]]
+                         for k in classes])
+        return x_train[idx], y_train[idx]
+
+    def score(images, labels, s):
+        return classification_accuracy_score(images, labels, x_test, y_test, epochs=cas_epochs, seed=s,
+                                             schedule=cas_schedule)
+
+    per_seed = [score(x, y, s) for s in seeds]
+    real_seed = [score(*real_subset(s), s) for s in seeds]
     rows = []
-    for k in sorted(per_seed[0]):
+    for k in classes:
         v = np.array([c[k] for c in per_seed])
+        r = np.array([c[k] for c in real_seed])
         rows.append({"benchmark": name, "variant": sets["variant"], "class": k, "cas_mean": round(float(v.mean()), 4),
                      "cas_std": round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 4),
                      "cas_min": round(float(v.min()), 4), "cas_max": round(float(v.max()), 4),
-                     "cas_seeds": " ".join(f"{c:.3f}" for c in v)})
-    atomic_write_csv(path.removesuffix("_sets.pt") + "_cas_seeds.csv", rows)
+                     "cas_seeds": " ".join(f"{c:.3f}" for c in v), "real_cas_mean": round(float(r.mean()), 4),
+                     "real_cas_min": round(float(r.min()), 4), "images_per_class": per_class,
+                     "cas_schedule": cas_schedule})
+    suffix = "" if cas_schedule == "cosine" else f"_{cas_schedule}"
+    atomic_write_csv(path.removesuffix("_sets.pt") + f"_cas_seeds{suffix}.csv", rows)
     means = [r["cas_mean"] for r in rows]
-    print(f"[{sets['variant']}] CAS over {len(seeds)} seeds: mean {np.mean(means):.3f}, min class mean "
-          f"{min(means):.3f}; per class " + " ".join(f"{r['class']}:{r['cas_mean']:.3f}+-{r['cas_std']:.3f}"
-                                                      for r in rows), flush=True)
+    print(f"[{sets['variant']}] CAS ({cas_schedule}) over {len(seeds)} seeds: mean {np.mean(means):.3f}, min class "
+          f"mean {min(means):.3f} (real images, {per_class} per class: mean "
+          f"{np.mean([r['real_cas_mean'] for r in rows]):.3f}); per class "
+          + " ".join(f"{r['class']}:{r['cas_mean']:.3f}+-{r['cas_std']:.3f}/{r['real_cas_mean']:.3f}" for r in rows),
+          flush=True)
     return rows
 
 

@@ -289,6 +289,7 @@ def test_the_replay_group_is_the_flat_replay_fields_with_the_same_defaults():
     ({"replay_grad_clip": 0}, {"grad_clip": 0}, "{}=0 must be > 0"),
     ({"replay_epoch_length": "zip"}, {"epoch_length": "zip"}, "{}='zip' is not valid"),
     ({"replay_min_steps": -1}, {"min_steps": -1}, "{}=-1 must be >= 0"),
+    ({"replay_lr_schedule": "cos"}, {"lr_schedule": "cos"}, "{}='cos' is not valid"),
 ])
 def test_a_bad_replay_setting_is_named_as_the_caller_wrote_it(flat, plugin, message):
     from avalanche_drcpsd import DreamReplayPlugin

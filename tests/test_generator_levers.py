@@ -1,6 +1,7 @@
 """The generator phase's levers (issue 13): what each one does, checked on tiny models and fixed batches."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -230,6 +231,29 @@ def test_cas_is_per_class_accuracy_of_a_classifier_trained_on_synthetic_images(m
     assert min(good.values()) > 0.7
     bad = classification_accuracy_score(xs, ys[torch.randperm(len(ys))], xt, yt, epochs=10, batch_size=16, lr=0.01)
     assert sum(bad.values()) / 4 < 0.6
+
+
+def test_cas_classifier_anneals_its_rate_to_zero(monkeypatch):
+    """schedule="cosine" (the default) runs step i of n at lr * (1 + cos(pi i / n)) / 2; "constant" keeps lr; a
+    bad schedule is refused, naming it."""
+    from avalanche_drcpsd.experiments.fidelity import FidelityError
+
+    x, y = torch.rand(40, 1, 28, 28), torch.arange(40) % 2
+    for schedule, expected in (("cosine", [0.05 * (1 + math.cos(math.pi * i / 6)) / 2 for i in range(6)]),
+                               ("constant", [0.05] * 6)):
+        rates = []
+        step = torch.optim.SGD.step
+
+        def spy(self, *args, **kwargs):
+            rates.append(self.param_groups[0]["lr"])
+            return step(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.optim.SGD, "step", spy)
+        classification_accuracy_score(x, y, x, y, epochs=2, batch_size=16, schedule=schedule)  # 3 steps an epoch
+        monkeypatch.undo()
+        assert rates == pytest.approx(expected, abs=1e-12), schedule
+    with pytest.raises(FidelityError, match="schedule='step'"):
+        classification_accuracy_score(x, y, x, y, schedule="step")
 
 
 def test_cas_rejects_mismatched_shapes():

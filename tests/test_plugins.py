@@ -1,6 +1,7 @@
 """The plugins act in the right phase, and each works on its own with stock Avalanche strategies."""
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -323,6 +324,31 @@ def test_replay_publishes_loss_terms_and_clips_gradients(mnist_small):
     assert stats["isolation_mean"] > 0 and stats["grad_norm_max"] > 1e-3, "norms are recorded before clipping"
     with pytest.raises(ValueError, match="grad_clip=0"):
         DreamReplayPlugin(FakeSource([]), grad_clip=0)
+
+
+@pytest.mark.parametrize("optimizer", ["fresh", "continue"])
+def test_cosine_replay_schedule_anneals_the_rate_and_restores_the_strategy_optimizer(mnist_small, monkeypatch,
+                                                                                   optimizer):
+    """lr_schedule="cosine": every replay step runs at the cosine of its step (from the replay rate to 0); the
+    strategy optimiser's own rate is what it was before the phase, also when replay continued it."""
+    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8, lr_schedule="cosine",
+                               optimizer=optimizer, verbose=False)
+    strategy = _naive(MLP(), [replay])
+    strategy.train(mnist_small.train_stream[0])
+    rates = []
+    original_step = torch.optim.SGD.step
+
+    def spy(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    strategy.train(mnist_small.train_stream[1])
+    steps = replay.replayed_batches
+    replay_rates = rates[-steps:]  # the classifier phase's steps come first, at the strategy's constant 0.05
+    expected = [0.05 * 0.5 * (1 + math.cos(math.pi * i / steps)) for i in range(steps)]
+    assert replay_rates == pytest.approx(expected, abs=1e-9)
+    assert rates[0] == 0.05 and strategy.optimizer.param_groups[0]["lr"] == 0.05
 
 
 def test_replay_logit_distillation_is_off_by_default_and_keeps_old_teacher_outputs(mnist_small):

@@ -29,9 +29,10 @@ from torch.utils.data import Dataset
 
 from ..models import SmallCNN
 from ..synthetic_cache import to_uint8
-from ..utils import atomic_write
+from ..utils import atomic_write, lr_schedule
 
-__all__ = ["EXTRACTOR_NAME", "train_feature_extractor", "classification_accuracy_score", "fid_kid", "FidelityError"]
+__all__ = ["EXTRACTOR_NAME", "train_feature_extractor", "classification_accuracy_score", "CAS_SCHEDULES", "fid_kid",
+           "FidelityError"]
 
 EXTRACTOR_NAME = "drcpsd-classifier"
 _WEIGHTS, _SPEC = "extractor.safetensors", "extractor.json"
@@ -122,14 +123,17 @@ def train_feature_extractor(images: Tensor, labels: Tensor, directory: Union[str
 
 
 def _train_small_cnn(images: Tensor, labels: Tensor, spec: Dict[str, int], *, epochs: int, batch_size: int,
-                     lr: float, seed: int, classes: Optional[Tensor] = None) -> SmallCNN:
+                     lr: float, seed: int, classes: Optional[Tensor] = None,
+                     schedule: str = "constant") -> SmallCNN:
     """A :class:`SmallCNN` of ``spec`` trained with SGD (momentum 0.9) on ``images``/``labels``; with ``classes``,
-    the cross-entropy runs over those classes' logits only."""
+    the cross-entropy runs over those classes' logits only; ``schedule`` (``constant`` or ``cosine``, annealed
+    to 0 over the training steps) sets the rate over training."""
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = SmallCNN(**spec)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    scheduler = lr_schedule(opt, schedule, 0, epochs * -(-len(images) // batch_size))
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=g)
@@ -143,16 +147,30 @@ def _train_small_cnn(images: Tensor, labels: Tensor, spec: Dict[str, int], *, ep
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if scheduler is not None:
+                scheduler.step()
     return model.eval()
+
+
+#: the CAS classifier's learning-rate schedules (:func:`classification_accuracy_score`)
+CAS_SCHEDULES = ("constant", "cosine")
 
 
 @torch.no_grad()
 def classification_accuracy_score(synthetic: Tensor, synthetic_labels: Tensor, real: Tensor, real_labels: Tensor, *,
                                   epochs: int = 3, batch_size: int = 128, lr: float = 0.05,
-                                  seed: int = 0) -> Dict[int, float]:
+                                  seed: int = 0, schedule: str = "cosine") -> Dict[int, float]:
     """CAS per class: a :class:`SmallCNN` trained on the synthetic images alone (over the classes of
     ``synthetic_labels``), then its accuracy on the real images of each of those classes (``{class: accuracy}``;
-    real images of other classes are ignored). Images in [0, 1], ``(N, C, S, S)``."""
+    real images of other classes are ignored). Images in [0, 1], ``(N, C, S, S)``.
+
+    ``schedule``: ``cosine`` (the rate annealed to 0 over the ``epochs``) or ``constant`` (the rate kept to
+    the end, this function's recipe before 2026-12-05). With a constant rate the score is that of whichever
+    weights the last step left: trained on 500 *real* images per class of MNIST, three classifier seeds scored
+    0.93 / 0.95 / 0.97 (the worst class 0.70 / 0.84 / 0.95), against 0.96 / 0.97 / 0.97 (worst 0.94 / 0.95 /
+    0.95) with ``cosine`` (``results/generator/README.md``)."""
+    if schedule not in CAS_SCHEDULES:
+        raise FidelityError(f"schedule={schedule!r}; expected one of {list(CAS_SCHEDULES)}")
     for name, x, y in (("synthetic", synthetic, synthetic_labels), ("real", real, real_labels)):
         if x.dim() != 4 or x.shape[2] != x.shape[3] or len(x) != len(y) or len(x) == 0:
             raise FidelityError(f"{name} images of shape {tuple(x.shape)} with {len(y)} labels; expected "
@@ -165,7 +183,7 @@ def classification_accuracy_score(synthetic: Tensor, synthetic_labels: Tensor, r
             "in_channels": int(synthetic.shape[1]), "image_size": int(synthetic.shape[2])}
     with torch.enable_grad():
         model = _train_small_cnn(synthetic, synthetic_labels, spec, epochs=epochs, batch_size=batch_size, lr=lr,
-                                 seed=seed, classes=classes)
+                                 seed=seed, classes=classes, schedule=schedule)
     keep = torch.isin(real_labels.long(), classes)
     x, y = real[keep], real_labels[keep].long()
     pred = torch.cat([classes[model(x[i:i + 1000].float())[:, classes].argmax(1)] for i in range(0, len(x), 1000)])

@@ -48,7 +48,7 @@ from ..config import ReplayConfig, build_from_fields
 from ..features import check_single_task, classify, forward_with_features
 from ..losses import balanced_kappa, isolation_loss, logit_distillation_loss
 from ..replay_training import train_student
-from ..utils import PhaseTimer, experience_classes, interpolate_state_dicts
+from ..utils import PhaseTimer, experience_classes, interpolate_state_dicts, lr_schedule
 from .base import StatefulPlugin
 from .distill import DistillPlugin
 
@@ -122,6 +122,9 @@ class DreamReplayPlugin(StatefulPlugin):
             ``continue``: the strategy's optimiser itself, with its state (the original code).
         :param replay_lr: learning rate of the fresh replay optimiser (same class and settings as the
             strategy's); None keeps the strategy optimiser's own.
+        :param lr_schedule: ``constant`` (the reference) or ``cosine``: the replay optimiser's rate annealed to 0
+            over the phase's optimiser steps; the strategy optimiser's rates are restored after the phase when it
+            is the one replay continues (``optimizer="continue"``).
         :param grad_clip: clip the student's gradient norm at this value during replay (None: no clipping).
         :param kappa_schedule: ``constant`` (reference) or ``balanced``: ``kappa * |new| / |old|`` classes at
             each experience (:func:`~avalanche_drcpsd.losses.balanced_kappa`); the value used is kept in
@@ -225,10 +228,14 @@ class DreamReplayPlugin(StatefulPlugin):
                 terms["logit_kd"] = logit_distillation_loss(logits, z_old, old_classes, self.config.kd_temperature)
             return ce + kd + self.config.kd_weight * terms.get("logit_kd", 0.0), terms
 
+        rates = [group["lr"] for group in optimizer.param_groups]
         trace = train_student(model, real, syn, loss, optimizer, steps=steps, epochs=epochs, device=device,
                               syn_transform=self.synthetic_transform(), grad_clip=self.config.grad_clip,
                               step_ema=self.config.step_ema, desc=f"exp {exp} replay", verbose=self.verbose,
-                              on_error=f" in experience {exp}")
+                              on_error=f" in experience {exp}",
+                              scheduler=lr_schedule(optimizer, self.config.lr_schedule, 0, steps * epochs))
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
         self.replayed_batches += steps * epochs
         for teacher in teachers:
             teacher.eval()

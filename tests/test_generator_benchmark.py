@@ -1,0 +1,56 @@
+"""benchmarks/generator_quality.py: the rescoring of saved sets and the ablation table's CAS recipe column."""
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from avalanche_drcpsd.synthetic_cache import to_uint8
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("generator_quality", ROOT / "benchmarks" / "generator_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rescore_scores_each_seed_beside_as_many_real_images(tmp_path, one_thread):
+    """A saved set of 50 real training images per class of the main job's data: one row per class with the CAS
+    over the seeds and, beside it, the same recipe on 50 real training images per class drawn per seed; the file
+    is named by the CAS schedule."""
+    gq = _module()
+    benchmark = gq.make_benchmark(gq.experiment_for("default", "cpu", "").benchmark, None, seed=0)
+    [(x, y)], _ = gq._streams(benchmark, iid=True)
+    keep = torch.cat([torch.nonzero(y == k).flatten()[:50] for k in range(10)])
+    path = tmp_path / "real_sets.pt"
+    torch.save({"images": to_uint8(x[keep]), "labels": y[keep], "benchmark": "default", "variant": "real",
+                "seed": 0}, path)
+    rows = gq.rescore(str(path), [0, 1], data_root="", profile="cpu", cas_epochs=6)
+    assert [r["class"] for r in rows] == list(range(10))
+    for r in rows:
+        seeds = [float(v) for v in r["cas_seeds"].split()]
+        assert len(seeds) == 2 and abs(r["cas_mean"] - sum(seeds) / 2) < 1e-3
+        assert 0.0 <= r["real_cas_min"] <= r["real_cas_mean"] <= 1.0
+        assert r["images_per_class"] == 50 and r["cas_schedule"] == "cosine"
+    assert sum(r["cas_mean"] for r in rows) / 10 > 0.3, "real images as the set score above chance"
+    assert (tmp_path / "real_cas_seeds.csv").is_file()
+    gq.rescore(str(path), [0], data_root="", profile="cpu", cas_epochs=1, cas_schedule="constant")
+    assert (tmp_path / "real_cas_seeds_constant.csv").is_file()
+
+
+def test_ablation_rows_name_their_cas_schedule_and_old_rows_read_constant(tmp_path):
+    gq = _module()
+    path = tmp_path / "ablation.csv"
+    old = {k: "1" for k in gq.ABLATION_COLUMNS if k != "cas_schedule"}
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(old))
+        writer.writeheader()
+        writer.writerow({**old, "benchmark": "a", "variant": "old"})
+    gq.upsert_ablation(str(path), {**old, "benchmark": "a", "variant": "new", "cas_schedule": "cosine"})
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = {r["variant"]: r["cas_schedule"] for r in csv.DictReader(fh)}
+    assert rows == {"old": "constant", "new": "cosine"}
