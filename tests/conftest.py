@@ -1,5 +1,6 @@
 """Shared fixtures: where the real data is, and tiny DR-CPSD configurations that run in seconds on a CPU."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -23,6 +24,29 @@ def tiny_config(**overrides) -> DRCPSDConfig:
     )
     values.update(overrides)
     return DRCPSDConfig(**values)
+
+
+def benchmark_module(name: str):
+    """The script ``benchmarks/<name>.py`` imported as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sgd_step_rates(monkeypatch) -> list:
+    """Patch ``torch.optim.SGD.step`` to record the first group's learning rate at every step; returns the list
+    it appends to (``monkeypatch.undo()`` stops it)."""
+    rates = []
+    step = torch.optim.SGD.step
+
+    def spy(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    return rates
 
 
 # Under pytest-xdist (``-n 2``, what CI runs) each worker owns one of the 2 cores: one intra-op thread apiece.

@@ -1,28 +1,18 @@
 """benchmarks/generator_quality.py: the rescoring of saved sets and the ablation table's CAS recipe column."""
 
 import csv
-import importlib.util
-from pathlib import Path
 
 import torch
+from conftest import benchmark_module
 
 from avalanche_drcpsd.synthetic_cache import to_uint8
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("generator_quality", ROOT / "benchmarks" / "generator_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_rescore_scores_each_seed_beside_as_many_real_images(tmp_path, one_thread):
     """A saved set of 50 real training images per class of the main job's data: one row per class with the CAS
     over the seeds and, beside it, the same recipe on 50 real training images per class drawn per seed; the file
     is named by the CAS schedule."""
-    gq = _module()
+    gq = benchmark_module("generator_quality")
     benchmark = gq.make_benchmark(gq.experiment_for("default", "cpu", "").benchmark, None, seed=0)
     [(x, y)], _ = gq._streams(benchmark, iid=True)
     keep = torch.cat([torch.nonzero(y == k).flatten()[:50] for k in range(10)])
@@ -43,7 +33,7 @@ def test_rescore_scores_each_seed_beside_as_many_real_images(tmp_path, one_threa
 
 
 def test_ablation_rows_name_their_cas_schedule_and_old_rows_read_constant(tmp_path):
-    gq = _module()
+    gq = benchmark_module("generator_quality")
     path = tmp_path / "ablation.csv"
     old = {k: "1" for k in gq.ABLATION_COLUMNS if k != "cas_schedule"}
     with open(path, "w", newline="", encoding="utf-8") as fh:

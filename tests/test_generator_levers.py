@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import sgd_step_rates, tiny_config
 
 from avalanche_drcpsd import CPSDGeneratorPlugin, DRCPSDConfig
 from avalanche_drcpsd.config import ConfigError
@@ -241,14 +241,7 @@ def test_cas_classifier_anneals_its_rate_to_zero(monkeypatch):
     x, y = torch.rand(40, 1, 28, 28), torch.arange(40) % 2
     for schedule, expected in (("cosine", [0.05 * (1 + math.cos(math.pi * i / 6)) / 2 for i in range(6)]),
                                ("constant", [0.05] * 6)):
-        rates = []
-        step = torch.optim.SGD.step
-
-        def spy(self, *args, **kwargs):
-            rates.append(self.param_groups[0]["lr"])
-            return step(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.optim.SGD, "step", spy)
+        rates = sgd_step_rates(monkeypatch)
         classification_accuracy_score(x, y, x, y, epochs=2, batch_size=16, schedule=schedule)  # 3 steps an epoch
         monkeypatch.undo()
         assert rates == pytest.approx(expected, abs=1e-12), schedule

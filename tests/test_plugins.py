@@ -9,7 +9,7 @@ import torch
 from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training import Naive, Replay
 from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
-from conftest import tiny_config
+from conftest import sgd_step_rates, tiny_config
 from torch import nn
 
 from avalanche_drcpsd import CPSDGeneratorPlugin, DistillPlugin, DreamReplayPlugin, MMDPlugin
@@ -335,14 +335,7 @@ def test_cosine_replay_schedule_anneals_the_rate_and_restores_the_strategy_optim
                                optimizer=optimizer, verbose=False)
     strategy = _naive(MLP(), [replay])
     strategy.train(mnist_small.train_stream[0])
-    rates = []
-    original_step = torch.optim.SGD.step
-
-    def spy(self, *args, **kwargs):
-        rates.append(self.param_groups[0]["lr"])
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    rates = sgd_step_rates(monkeypatch)
     strategy.train(mnist_small.train_stream[1])
     steps = replay.replayed_batches
     replay_rates = rates[-steps:]  # the classifier phase's steps come first, at the strategy's constant 0.05

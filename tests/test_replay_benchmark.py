@@ -1,20 +1,10 @@
 """benchmarks/replay_quality.py: the classifier side alone on saved synthetic sets."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("replay_quality", ROOT / "benchmarks" / "replay_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import benchmark_module
 
 
 def _sets(n_per_class=6, classes=range(10)):
@@ -24,7 +14,7 @@ def _sets(n_per_class=6, classes=range(10)):
 
 
 def test_kept_sets_give_the_first_images_of_each_class_in_0_1():
-    rq = _module()
+    rq = benchmark_module("replay_quality")
     images, labels = _sets()
     x, y = rq.KeptSets(images, labels).sample_replay([3, 1], 2)
     assert y.tolist() == [3, 3, 1, 1]
@@ -36,7 +26,7 @@ def test_kept_sets_give_the_first_images_of_each_class_in_0_1():
 
 
 def test_run_one_replays_the_saved_sets_without_a_generator(one_thread):
-    rq = _module()
+    rq = benchmark_module("replay_quality")
     images, labels = _sets(n_per_class=8)
     sets = {"images": images, "labels": labels, "benchmark": "default"}
     row = rq.run_one(sets, {"replay_epochs": 1, "n_replay_per_class": 8, "_experiment": {"train_epochs": 1}}, seed=0,
