@@ -22,12 +22,16 @@ from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Tuple, Union
 
 __all__ = ["ConfigError", "DRCPSDConfig", "ReplayConfig", "CHOICES", "check_prompt_template", "check_device",
-           "REFERENCE", "PRESETS"]
+           "REFERENCE", "PRESETS", "LR_SCHEDULES"]
 
 
 class ConfigError(ValueError):
     """An invalid configuration value (the message names the field, the value and what was expected)."""
 
+
+#: the learning-rate schedules of :func:`~avalanche_drcpsd.utils.lr_schedule`: the choices of every schedule
+#: field here and of the CAS classifier's (:func:`~avalanche_drcpsd.experiments.fidelity.classification_accuracy_score`)
+LR_SCHEDULES = ("constant", "cosine")
 
 #: the valid values of every choice field, the one table the config and the plugins validate against
 CHOICES = {
@@ -40,14 +44,14 @@ CHOICES = {
     "logit_mask": ("none", "seen"),
     "teacher_mode": ("eval", "student"),
     "replay_optimizer": ("fresh", "continue"),
-    "replay_lr_schedule": ("constant", "cosine"),
+    "replay_lr_schedule": LR_SCHEDULES,
     "mmd_kind": ("mean", "gaussian"),
     "sampler": ("dpm", "ddim"),
     "student_init": ("average", "ema", "fresh"),
     "distill_targets": ("split", "both"),
     "cpsd_order": ("after_generator", "before_generator"),
     "kappa_schedule": ("constant", "balanced"),
-    "generator_lr_schedule": ("constant", "cosine"),
+    "generator_lr_schedule": LR_SCHEDULES,
     "generator_replay_weighting": ("fraction", "balanced", "task"),
     "generator_distill_source": ("pool", "fresh"),
     "replay_draw": ("redraw", "once"),

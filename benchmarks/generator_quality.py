@@ -57,10 +57,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from avalanche_drcpsd.config import DRCPSDConfig  # noqa: E402
+from avalanche_drcpsd.config import LR_SCHEDULES, DRCPSDConfig  # noqa: E402
 from avalanche_drcpsd.data import make_benchmark  # noqa: E402
 from avalanche_drcpsd.experiments.compare import ensure_feature_extractor, profile_config  # noqa: E402
-from avalanche_drcpsd.experiments.fidelity import CAS_SCHEDULES, classification_accuracy_score, fid_kid  # noqa: E402
+from avalanche_drcpsd.experiments.fidelity import classification_accuracy_score, fid_kid  # noqa: E402
 from avalanche_drcpsd.experiments.run import _image_grid, default_experiment  # noqa: E402
 from avalanche_drcpsd.plugins.generator import CPSDGeneratorPlugin  # noqa: E402
 from avalanche_drcpsd.synthetic_cache import to_uint8  # noqa: E402
@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iid", action="store_true", help="one experience with every class, the same total steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cas-epochs", type=int, default=3)
-    parser.add_argument("--cas-schedule", choices=CAS_SCHEDULES, default="cosine",
+    parser.add_argument("--cas-schedule", choices=LR_SCHEDULES, default="cosine",
                         help="the CAS classifier's learning rate over its epochs (constant: the recipe of every "
                              "ablation row before 2026-12-05, named in its cas_schedule column)")
     parser.add_argument("--experiences", type=int, default=0,

@@ -27,12 +27,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..config import LR_SCHEDULES
 from ..models import SmallCNN
 from ..synthetic_cache import to_uint8
 from ..utils import atomic_write, lr_schedule
 
-__all__ = ["EXTRACTOR_NAME", "train_feature_extractor", "classification_accuracy_score", "CAS_SCHEDULES", "fid_kid",
-           "FidelityError"]
+__all__ = ["EXTRACTOR_NAME", "train_feature_extractor", "classification_accuracy_score", "fid_kid", "FidelityError"]
 
 EXTRACTOR_NAME = "drcpsd-classifier"
 _WEIGHTS, _SPEC = "extractor.safetensors", "extractor.json"
@@ -152,10 +152,6 @@ def _train_small_cnn(images: Tensor, labels: Tensor, spec: Dict[str, int], *, ep
     return model.eval()
 
 
-#: the CAS classifier's learning-rate schedules (:func:`classification_accuracy_score`)
-CAS_SCHEDULES = ("constant", "cosine")
-
-
 @torch.no_grad()
 def classification_accuracy_score(synthetic: Tensor, synthetic_labels: Tensor, real: Tensor, real_labels: Tensor, *,
                                   epochs: int = 3, batch_size: int = 128, lr: float = 0.05,
@@ -169,8 +165,8 @@ def classification_accuracy_score(synthetic: Tensor, synthetic_labels: Tensor, r
     weights the last step left: trained on 500 *real* images per class of MNIST, three classifier seeds scored
     0.93 / 0.95 / 0.97 (the worst class 0.70 / 0.84 / 0.95), against 0.96 / 0.97 / 0.97 (worst 0.94 / 0.95 /
     0.95) with ``cosine`` (``results/generator/README.md``)."""
-    if schedule not in CAS_SCHEDULES:
-        raise FidelityError(f"schedule={schedule!r}; expected one of {list(CAS_SCHEDULES)}")
+    if schedule not in LR_SCHEDULES:
+        raise FidelityError(f"schedule={schedule!r}; expected one of {list(LR_SCHEDULES)}")
     for name, x, y in (("synthetic", synthetic, synthetic_labels), ("real", real, real_labels)):
         if x.dim() != 4 or x.shape[2] != x.shape[3] or len(x) != len(y) or len(x) == 0:
             raise FidelityError(f"{name} images of shape {tuple(x.shape)} with {len(y)} labels; expected "
