@@ -11,6 +11,7 @@ original resizes to 256 px (CPSD) or to the classifier's resolution with Lanczos
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
@@ -19,7 +20,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 __all__ = ["random_resized_crop_flip", "color_jitter", "jpeg_round_trip", "reference_cpsd_augment",
-           "reference_classifier_augment"]
+           "reference_classifier_augment", "random_shift", "REPLAY_AUGMENTS"]
 
 
 def _uniform(generator: Optional[torch.Generator], low: float = 0.0, high: float = 1.0) -> float:
@@ -69,6 +70,26 @@ def color_jitter(images: Tensor, brightness: float = 0.4, contrast: float = 0.4,
     return out.clamp(0.0, 1.0)
 
 
+def random_shift(images: Tensor, max_shift: int = 2, flip: float = 0.0,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+    """Per image: a translation by whole pixels drawn uniformly from [-max_shift, max_shift] on each axis (the image
+    padded by replicating its border, then cropped back to its size: no value outside the image's own range, so it
+    suits normalised inputs too), then a left-right flip with probability ``flip``. *Package*, not in the original
+    code: the usual random-crop augmentation of small-image classifiers (pad and crop)."""
+    if max_shift < 0:
+        raise ValueError(f"max_shift={max_shift}: expected a number of pixels >= 0")
+    b, _, h, w = images.shape
+    s = max_shift
+    padded = F.pad(images, (s, s, s, s), mode="replicate") if s else images
+    offsets = torch.randint(0, 2 * s + 1, (b, 2), generator=generator).tolist()
+    flips = (torch.rand(b, generator=generator) < flip).tolist()
+    out = torch.empty_like(images)
+    for i, ((dy, dx), flipped) in enumerate(zip(offsets, flips)):
+        img = padded[i, :, dy:dy + h, dx:dx + w]
+        out[i] = img.flip(-1) if flipped else img
+    return out
+
+
 def jpeg_round_trip(images: Tensor, quality: int = 75) -> Tensor:
     """Each image encoded as a JPEG of ``quality`` (libjpeg, PIL's default 75) and decoded again, in [0, 1]."""
     from torchvision.io import decode_jpeg, encode_jpeg
@@ -93,3 +114,11 @@ def reference_classifier_augment(images: Tensor, generator: Optional[torch.Gener
     flipped = torch.rand(x.shape[0], generator=generator) < 0.5
     x = torch.where(flipped.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
     return random_resized_crop_flip(x, (0.6, 1.0), flip=0.0, generator=generator)
+
+
+#: the batch augmentations of synthetic replay images, by their ``replay_augment`` name (``"none"``: no entry)
+REPLAY_AUGMENTS = {
+    "reference": reference_classifier_augment,
+    "shift": partial(random_shift, max_shift=2),
+    "shift_flip": partial(random_shift, max_shift=2, flip=0.5),
+}

@@ -38,7 +38,7 @@ CHOICES = {
     "generator": ("unet", "stable_diffusion"),
     "projection": ("token", "hidden", "reference"),
     "cpsd_augment": ("none", "reference"),
-    "replay_augment": ("none", "reference"),
+    "replay_augment": ("none", "reference", "shift", "shift_flip"),
     "replay_epoch_length": ("longer", "shorter"),
     "student_bn": ("average", "new"),
     "logit_mask": ("none", "seen"),
@@ -261,7 +261,9 @@ class DRCPSDConfig:
     #: as .jpeg) and, in every replay batch, its classifier's training transforms per image (ColorJitter(0.4,
     #: 0.4, 0.2, 0.1), horizontal flip, random resized crop of 60-100%; ``manager/manager.py`` l. 57-62). The
     #: original applies the same transforms to its real images; here real images get the benchmark's own train
-    #: transform.
+    #: transform. *Package* ``shift``: each synthetic image of every replay batch translated by up to 2 pixels on
+    #: each axis (border replicated, :func:`~avalanche_drcpsd.augment.random_shift`), ``shift_flip``: that and a
+    #: left-right flip with probability 0.5 (for classes a mirror does not change, not digits); no JPEG step.
     replay_augment: str = "none"
     replay_epochs: int = 1
     #: one replay epoch is ``longer``: as many paired batches as the longer of the two sets (the other cycles), or

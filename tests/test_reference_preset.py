@@ -16,6 +16,7 @@ from avalanche_drcpsd.augment import (
     color_jitter,
     jpeg_round_trip,
     random_resized_crop_flip,
+    random_shift,
     reference_classifier_augment,
 )
 from avalanche_drcpsd.config import ConfigError
@@ -234,6 +235,54 @@ def test_jpeg_round_trip_is_lossy_but_close():
         jpeg_round_trip(torch.rand(1, 2, 8, 8))
 
 
+def test_random_shift_is_a_crop_of_the_border_replicated_image():
+    """Each image is some window of its border-replicated pad (a shift of at most max_shift per axis); no value
+    leaves the image's own range (normalised inputs stay valid); 0 pixels is the identity, flip=1 the mirror."""
+    x = torch.randn(16, 2, 9, 7)
+    out = random_shift(x, max_shift=2, generator=torch.Generator().manual_seed(0))
+    padded = nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    windows = [(dy, dx) for dy in range(5) for dx in range(5)]
+    for i in range(len(x)):
+        hits = [w for w in windows if torch.equal(out[i], padded[i, :, w[0]:w[0] + 9, w[1]:w[1] + 7])]
+        assert hits, f"image {i} is no shift of its input"
+        assert float(out[i].min()) >= float(x[i].min()) and float(out[i].max()) <= float(x[i].max())
+    assert not torch.equal(out, x)  # 16 images: some are moved
+    assert torch.equal(out, random_shift(x, max_shift=2, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(random_shift(x, max_shift=0), x)
+    assert torch.equal(random_shift(x, max_shift=0, flip=1.0), x.flip(-1))
+    with pytest.raises(ValueError, match="max_shift=-1"):
+        random_shift(x, max_shift=-1)
+
+
+@pytest.mark.parametrize("augment", ["shift", "shift_flip"])
+def test_shift_augment_moves_every_synthetic_batch_and_no_real_image(mnist_small, monkeypatch, augment):
+    """replay_augment="shift" / "shift_flip" reach the replay plugin and transform each synthetic half (never a
+    real one) of every replay batch, and leave the drawn sets as the generator made them (no JPEG step)."""
+    import avalanche_drcpsd.plugins.dream_replay as dr_module
+    from avalanche_drcpsd.config import ReplayConfig
+
+    assert ReplayConfig.from_config(DRCPSDConfig(replay_augment=augment)).augment == augment
+    batches = []
+    original = dr_module.REPLAY_AUGMENTS[augment]
+    monkeypatch.setitem(dr_module.REPLAY_AUGMENTS, augment,
+                        lambda xs, generator=None: batches.append(xs.shape[0]) or original(xs, generator=generator))
+    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8, augment=augment,
+                               verbose=False)
+    strategy = _naive(MLP(), [replay])
+    for k in (0, 1):
+        strategy.train(mnist_small.train_stream[k])
+    assert batches and len(batches) == replay.replayed_batches and set(batches) == {8}
+
+
+def test_replay_augment_choices_are_the_augmentations_the_plugin_knows():
+    from avalanche_drcpsd.augment import REPLAY_AUGMENTS
+    from avalanche_drcpsd.config import CHOICES
+
+    assert CHOICES["replay_augment"] == ("none", *REPLAY_AUGMENTS)
+    with pytest.raises(ConfigError, match="replay_augment.*'shfit'"):
+        DRCPSDConfig(replay_augment="shfit")
+
+
 def test_cpsd_phase_uses_the_weight_decay_and_the_augmentation(mnist_small, monkeypatch, one_thread):
     """cpsd_weight_decay reaches the projection's AdamW, and cpsd_augment="reference" transforms every CPSD batch
     (and nothing else: the generator phase trains on the images as they are)."""
@@ -279,8 +328,8 @@ def test_replay_augment_jpegs_the_drawn_set_and_augments_every_synthetic_batch(m
     assert torch.equal(y, raw_y) and torch.equal(x, jpeg_round_trip(raw))
 
     batches = []
-    original = dr_module.reference_classifier_augment
-    monkeypatch.setattr(dr_module, "reference_classifier_augment",
+    original = dr_module.REPLAY_AUGMENTS["reference"]
+    monkeypatch.setitem(dr_module.REPLAY_AUGMENTS, "reference",
                         lambda xs, generator=None: batches.append(xs.shape[0]) or original(xs, generator))
     replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8, augment="reference",
                                verbose=False)

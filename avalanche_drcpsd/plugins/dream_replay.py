@@ -43,7 +43,7 @@ from avalanche.evaluation.metric_results import MetricValue
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..augment import reference_classifier_augment
+from ..augment import REPLAY_AUGMENTS
 from ..config import ReplayConfig, build_from_fields
 from ..features import check_single_task, classify, forward_with_features
 from ..losses import balanced_kappa, isolation_loss, logit_distillation_loss
@@ -114,7 +114,9 @@ class DreamReplayPlugin(StatefulPlugin):
             cycling; ``shorter``: as many as the shorter one (the original code's ``zip``).
         :param augment: ``reference``: the original classifier's training transforms on every synthetic image
             of every batch (:func:`~avalanche_drcpsd.augment.reference_classifier_augment`), before
-            ``syn_transform``; ``none``: off.
+            ``syn_transform``; ``shift`` / ``shift_flip``: a translation by up to 2 pixels per axis (and a
+            left-right flip with probability 0.5) of every synthetic image of every batch
+            (:func:`~avalanche_drcpsd.augment.random_shift`); ``none``: off.
         :param teacher_mode: ``eval``: the teachers run in eval mode; ``student``: in the student's mode (the
             original code, where they are submodules of the student: in train mode their BatchNorm uses and
             updates batch statistics).
@@ -248,14 +250,15 @@ class DreamReplayPlugin(StatefulPlugin):
                 MetricValue(self, f"Replay/{key}/Exp{exp:03d}", value, strategy.clock.train_iterations))
 
     def synthetic_transform(self) -> Optional[Callable[[Tensor], Tensor]]:
-        """What the synthetic half of each paired batch goes through: the original code's classifier augmentation
-        (``augment="reference"``), then ``syn_transform``."""
-        if self.config.augment != "reference":
+        """What the synthetic half of each paired batch goes through: the augmentation ``augment`` names (the
+        original code's classifier augmentation for ``"reference"``), then ``syn_transform``."""
+        augment = REPLAY_AUGMENTS.get(self.config.augment)
+        if augment is None:
             return self.syn_transform
         then = self.syn_transform
 
         def transform(x: Tensor) -> Tensor:
-            x = reference_classifier_augment(x)
+            x = augment(x)
             return then(x) if then is not None else x
 
         return transform
