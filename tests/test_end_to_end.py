@@ -111,6 +111,14 @@ def test_runner_writes_logs_state_and_summary(tmp_path, monkeypatch):
     rows = (logs / "eval_results.csv").read_text().strip().splitlines()
     assert rows[0] == "eval_exp,training_exp,eval_accuracy,eval_loss,forgetting" and len(rows) == 1 + 2 * 2
     metrics = (logs / "metrics.csv").read_text()
+    # summary.json names the report's figure (the mean over test experiences) and the pooled one apart
+    from avalanche_drcpsd.experiments.report import load_run
+
+    run = load_run(str(logs))
+    assert summary["final_average_accuracy"] == pytest.approx(run.final_average_accuracy, abs=1e-9)
+    assert summary["final_stream_accuracy"] == pytest.approx(run.stream_accuracy[-1], abs=1e-9)
+    assert summary["history"][-1]["experience_accuracy"] == pytest.approx(list(run.matrix[-1]), abs=1e-9)
+    assert {"final_average_accuracy", "final_stream_accuracy"} <= set(run.info)
     assert "RealSynMMD/eval_phase/test_stream/Class000" in metrics
     assert "PhaseTime/replay/Exp001" in metrics
     for name in ("state/classifier.safetensors", "state/embeddings.safetensors", "state/generator/unet/config.json",

@@ -195,8 +195,8 @@ def run_comparison(configs: Dict[str, ExperimentConfig], strategies: Sequence[st
         results.append(result)
         if result.status == "done":
             s = result.summary
-            tqdm.write(f"{result.run.label}: stream accuracy {s['final_average_accuracy']:.4f} in "
-                       f"{s['wall_time_s']:.0f} s")
+            tqdm.write(f"{result.run.label}: final average accuracy {s['final_average_accuracy']:.4f} (stream "
+                       f"{s['final_stream_accuracy']:.4f}) in {s['wall_time_s']:.0f} s")
         else:
             tqdm.write(f"{result.run.label}: FAILED: {result.error}")
         bar.update(1)
