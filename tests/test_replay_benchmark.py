@@ -34,4 +34,6 @@ def test_run_one_replays_the_saved_sets_without_a_generator(one_thread):
     per = json.loads(row["per_experience"])
     assert len(per) == 5 and all(0.0 <= a <= 1.0 for a in per)
     assert row["replay_s"] > 0, "dream replay ran from the saved sets"
-    assert 0.0 <= row["final_average_accuracy"] <= 1.0
+    assert row["final_average_accuracy"] == pytest.approx(sum(per) / len(per), abs=1e-4)  # the reports' figure
+    assert 0.0 <= row["final_stream_accuracy"] <= 1.0 and set(row) | {"sets", "variant", "seed", "overrides"} == set(
+        rq.FIELDS)
