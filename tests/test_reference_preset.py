@@ -254,26 +254,6 @@ def test_random_shift_is_a_crop_of_the_border_replicated_image():
         random_shift(x, max_shift=-1)
 
 
-@pytest.mark.parametrize("augment", ["shift", "shift_flip"])
-def test_shift_augment_moves_every_synthetic_batch_and_no_real_image(mnist_small, monkeypatch, augment):
-    """replay_augment="shift" / "shift_flip" reach the replay plugin and transform each synthetic half (never a
-    real one) of every replay batch, and leave the drawn sets as the generator made them (no JPEG step)."""
-    import avalanche_drcpsd.plugins.dream_replay as dr_module
-    from avalanche_drcpsd.config import ReplayConfig
-
-    assert ReplayConfig.from_config(DRCPSDConfig(replay_augment=augment)).augment == augment
-    batches = []
-    original = dr_module.REPLAY_AUGMENTS[augment]
-    monkeypatch.setitem(dr_module.REPLAY_AUGMENTS, augment,
-                        lambda xs, generator=None: batches.append(xs.shape[0]) or original(xs, generator=generator))
-    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8, augment=augment,
-                               verbose=False)
-    strategy = _naive(MLP(), [replay])
-    for k in (0, 1):
-        strategy.train(mnist_small.train_stream[k])
-    assert batches and len(batches) == replay.replayed_batches and set(batches) == {8}
-
-
 def test_replay_augment_choices_are_the_augmentations_the_plugin_knows():
     from avalanche_drcpsd.augment import REPLAY_AUGMENTS
     from avalanche_drcpsd.config import CHOICES
@@ -314,24 +294,37 @@ def test_cpsd_phase_uses_the_weight_decay_and_the_augmentation(mnist_small, monk
     assert 0.01 in decays  # the projections' optimiser (the generator's has weight decay 0)
 
 
-def test_replay_augment_jpegs_the_drawn_set_and_augments_every_synthetic_batch(mnist_small, monkeypatch, one_thread):
+@pytest.mark.parametrize("augment", ["reference", "shift"])
+def test_only_the_reference_replay_augment_jpegs_the_drawn_set(mnist_small, one_thread, augment):
+    """The original code's samples are .jpeg files: "reference" passes each drawn image through a JPEG; the
+    package's shifts leave the drawn sets as the generator made them."""
     from conftest import tiny_config
 
-    import avalanche_drcpsd.plugins.dream_replay as dr_module
     from avalanche_drcpsd import CPSDGeneratorPlugin
+    from avalanche_drcpsd.synthetic_cache import to_uint8
     from avalanche_drcpsd.utils import dataset_tensors
 
-    plugin = CPSDGeneratorPlugin(tiny_config(replay_augment="reference"), verbose=False)
+    plugin = CPSDGeneratorPlugin(tiny_config(replay_augment=augment), verbose=False)
     plugin.learn_classes(*dataset_tensors(mnist_small.train_stream[0].dataset.eval()))
     x, y = plugin.sample_replay([0, 1], 4)
     raw, raw_y = plugin.sample([0, 1], 4)
-    assert torch.equal(y, raw_y) and torch.equal(x, jpeg_round_trip(raw))
+    kept = jpeg_round_trip(raw) if augment == "reference" else to_uint8(raw).float() / 255  # kept as 8-bit images
+    assert torch.equal(y, raw_y) and torch.equal(x, kept)
 
+
+@pytest.mark.parametrize("augment", ["reference", "shift", "shift_flip"])
+def test_replay_augment_transforms_every_synthetic_batch_and_no_real_image(mnist_small, monkeypatch, augment):
+    """Each replay_augment reaches the replay plugin and transforms the synthetic half (never the real one) of
+    every replay batch."""
+    import avalanche_drcpsd.plugins.dream_replay as dr_module
+    from avalanche_drcpsd.config import ReplayConfig
+
+    assert ReplayConfig.from_config(DRCPSDConfig(replay_augment=augment)).augment == augment
     batches = []
-    original = dr_module.REPLAY_AUGMENTS["reference"]
-    monkeypatch.setitem(dr_module.REPLAY_AUGMENTS, "reference",
-                        lambda xs, generator=None: batches.append(xs.shape[0]) or original(xs, generator))
-    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8, augment="reference",
+    original = dr_module.REPLAY_AUGMENTS[augment]
+    monkeypatch.setitem(dr_module.REPLAY_AUGMENTS, augment,
+                        lambda xs, generator=None: batches.append(xs.shape[0]) or original(xs, generator=generator))
+    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8, augment=augment,
                                verbose=False)
     strategy = _naive(MLP(), [replay])
     for k in (0, 1):
