@@ -232,6 +232,10 @@ class DRCPSDConfig:
     #: one per generation batch of ``sample_batch_size`` images, as the original code does (``np.random.uniform(5,
     #: 9)`` per pipeline call, ``manager/manager.py`` l. 587).
     guidance_draw: str = "image"
+    #: *package*: ``(low, high)``: guidance only at the sampling steps whose timestep ``t`` has ``low <= t / T <=
+    #: high`` (``T`` = ``num_train_timesteps``), the conditional prediction alone at the others (Kynkaanniemi et al.,
+    #: 2024: guidance at the noisiest steps narrows the samples); None: every step (the reference).
+    guidance_interval: Optional[Tuple[float, float]] = None
     sample_batch_size: int = 256
     #: *package*: directory of the synthetic-set cache (``<dir>/task_<k>/<class>/<idx>.png`` + ``manifest.json``,
     #: see :mod:`avalanche_drcpsd.synthetic_cache`); a replay set is reused when its manifest matches. None: off.
@@ -362,6 +366,8 @@ class DRCPSDConfig:
         self.unet_block_out_channels = _as_int_tuple("unet_block_out_channels", self.unet_block_out_channels)
         if isinstance(self.guidance_scale, (list, tuple)):
             self.guidance_scale = tuple(float(_number("guidance_scale", g)) for g in self.guidance_scale)
+        if isinstance(self.guidance_interval, (list, tuple)):
+            self.guidance_interval = tuple(float(_number("guidance_interval", v)) for v in self.guidance_interval)
         for name in ("input_range", "input_mean", "input_std"):
             value = getattr(self, name)
             if value is not None:
@@ -434,6 +440,10 @@ class DRCPSDConfig:
                                   "with 0 <= low <= high")
         else:
             _non_negative("guidance_scale", g)
+        gi = self.guidance_interval
+        if gi is not None and (not isinstance(gi, tuple) or len(gi) != 2 or not 0 <= gi[0] < gi[1] <= 1):
+            raise ConfigError(f"guidance_interval={gi!r}: expected None or a pair (low, high) of fractions of the "
+                              "training timesteps with 0 <= low < high <= 1")
         if not all(c >= 8 and c % 8 == 0 for c in self.unet_block_out_channels):
             raise ConfigError(
                 f"unet_block_out_channels={self.unet_block_out_channels!r}: each entry must be a multiple of 8 "
@@ -496,8 +506,9 @@ class DRCPSDConfig:
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["unet_block_out_channels"] = list(self.unet_block_out_channels)
-        if isinstance(self.guidance_scale, tuple):
-            d["guidance_scale"] = list(self.guidance_scale)
+        for name in ("guidance_scale", "guidance_interval"):
+            if isinstance(d[name], tuple):
+                d[name] = list(d[name])
         for name in ("input_range", "input_mean", "input_std"):
             if d[name] is not None:
                 d[name] = list(d[name])

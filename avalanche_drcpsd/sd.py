@@ -498,12 +498,15 @@ class StableDiffusionGenerator(Generator):
         num_inference_steps: int = 20,
         sampler: str = "dpm",
         generator: Optional[torch.Generator] = None,
+        guidance_interval: Optional[Tuple[float, float]] = None,
         progress: bool = False,
     ) -> Tensor:
         """Images in [0, 1] of :attr:`image_shape` for conditions ``cond`` ``(B, L, D)``: DPM-Solver++ (2M) or
         DDIM with ``num_inference_steps`` steps on the pipeline's noise schedule, classifier-free guidance against
         ``null`` ``(L, D)`` (the empty prompt) with one batched UNet call per step, a guidance scale per image
-        (a number, or ``(low, high)`` for U(low, high)). Noise and scales are drawn on the CPU from ``generator``."""
+        (a number, or ``(low, high)`` for U(low, high)), at the steps of ``guidance_interval`` only
+        (:func:`~avalanche_drcpsd.generator.guided_denoise`; None: all). Noise and scales are drawn on the CPU from
+        ``generator``."""
         device = self.execution_device
         b = cond.shape[0]
         config = {**self.noise_scheduler.config, "prediction_type": "epsilon"}  # predict_noise returns epsilon
@@ -512,7 +515,7 @@ class StableDiffusionGenerator(Generator):
         w = draw_guidance_scales(guidance_scale, b, generator)
         z = torch.randn((b,) + self.latent_shape, generator=generator).to(device) * scheduler.init_noise_sigma
         return self.decode(guided_denoise(self.predict_noise, scheduler, z, cond.to(device), null.to(device), w,
-                                          progress=progress))
+                                          interval=guidance_interval, progress=progress))
 
 
 # --------------------------------------------------------------------------------------------------------

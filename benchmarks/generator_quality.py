@@ -71,7 +71,8 @@ VARIANTS_FILE = os.path.join(HERE, "generator_variants.json")
 GENERATOR_PHASES = ("generator", "cpsd", "generation")
 #: the DRCPSDConfig fields a ``--draw`` alternative may change: how the kept sets are sampled, not how the
 #: generator is trained
-DRAW_FIELDS = ("guidance_scale", "guidance_draw", "sampling_steps", "sampler", "n_replay_per_class")
+DRAW_FIELDS = ("guidance_scale", "guidance_draw", "guidance_interval", "sampling_steps", "sampler",
+               "n_replay_per_class")
 ABLATION_COLUMNS = ("benchmark", "variant", "iid", "experiences", "final_mean_cas", "min_cas", "min_cas_class",
                     "fid", "kid", "generator_seconds", "threads", "overrides", "cas_schedule")
 

@@ -208,6 +208,34 @@ def test_sample_guidance_and_sampler_change_the_output(gen):
     assert not torch.equal(base, run(guidance_scale=6.0))
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it(gen, monkeypatch):
+    """Steps whose t / T lies in the interval make one batched call for both halves (2B inputs), the others the
+    conditional call alone (B); the interval (0, 1) is every step, one holding no step is no guidance at all."""
+    cond, null = _conds(2)
+    calls = []
+    original = gen.predict_noise
+
+    def spy(z_t, t, c):
+        calls.append((int(t[0]), z_t.shape[0]))
+        return original(z_t, t, c)
+
+    monkeypatch.setattr(gen, "predict_noise", spy)
+
+    def run(**kw):
+        calls.clear()
+        out = gen.sample(cond, null, num_inference_steps=4, generator=torch.Generator().manual_seed(0), **kw)
+        return out, list(calls)
+
+    full, full_calls = run(guidance_scale=3.0)
+    assert [t for t, _ in full_calls] == [999, 749, 499, 249] and all(n == 4 for _, n in full_calls)
+    part, part_calls = run(guidance_scale=3.0, guidance_interval=(0.0, 0.6))
+    assert part_calls == [(999, 2), (749, 2), (499, 4), (249, 4)]
+    assert torch.equal(run(guidance_scale=3.0, guidance_interval=(0.0, 1.0))[0], full)
+    assert not torch.equal(part, full)
+    none, none_calls = run(guidance_scale=3.0, guidance_interval=(0.0, 0.1))
+    assert all(n == 2 for _, n in none_calls) and torch.equal(none, run(guidance_scale=1.0)[0])
+
+
 def test_samplers_differ_on_a_well_behaved_denoiser(gen, monkeypatch):
     """An untrained UNet's x0 estimate at t=999 is huge, so every sampler clamps to the same 0/1 image; a stand-in
     denoiser whose x0 estimate is sqrt(abar_t) * z_t keeps the images in range, where DDIM and DPM-Solver differ."""

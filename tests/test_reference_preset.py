@@ -404,3 +404,36 @@ def test_guidance_is_drawn_per_image_or_per_generation_batch(mnist_small, monkey
     else:
         assert all(s == (5.0, 9.0) for s in scales)
         assert "guidance_draw" not in plugin.cache_settings([0], 7, 0), "earlier caches' manifests still match"
+
+
+def test_guidance_interval_reaches_the_generator_and_names_the_cached_sets(mnist_small, monkeypatch, one_thread):
+    """The plugin hands ``guidance_interval`` to every generation call and writes it into the synthetic cache's
+    manifest only when set (the manifests of caches made before it still match)."""
+    from conftest import tiny_config
+
+    from avalanche_drcpsd import CPSDGeneratorPlugin
+    from avalanche_drcpsd.utils import dataset_tensors
+
+    plugin = CPSDGeneratorPlugin(tiny_config(guidance_interval=[0.0, 0.5], sample_batch_size=4), verbose=False)
+    assert plugin.config.guidance_interval == (0.0, 0.5)
+    plugin.learn_classes(*dataset_tensors(mnist_small.train_stream[0].dataset.eval()))
+    seen = []
+    original = plugin.generator.sample
+
+    def spy(cond, null, *, guidance_interval, **kwargs):
+        seen.append(guidance_interval)
+        return original(cond, null, guidance_interval=guidance_interval, **kwargs)
+
+    monkeypatch.setattr(plugin.generator, "sample", spy)
+    plugin.sample([0, 1], 4)
+    assert seen == [(0.0, 0.5), (0.0, 0.5)]
+    assert plugin.cache_settings([0], 4, 0)["guidance_interval"] == [0.0, 0.5]
+    monkeypatch.setattr(plugin, "config", plugin.config.replace(guidance_interval=None))
+    assert "guidance_interval" not in plugin.cache_settings([0], 4, 0)
+
+
+@pytest.mark.parametrize("value", [(0.5, 0.2), (0.0, 1.5), (-0.1, 0.5), (0.2,), "middle"])
+def test_bad_guidance_interval_names_the_value(value):
+    with pytest.raises(ConfigError, match="guidance_interval"):
+        DRCPSDConfig(guidance_interval=value)
+

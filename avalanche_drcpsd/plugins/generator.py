@@ -253,7 +253,8 @@ class CPSDGeneratorPlugin(StatefulPlugin):
                     scale = float(draw_guidance_scales(scale, 1, g)[0])
                 emb = self.buffer.draw(cls, b, g)  # a caption per image, if the class has captions
                 xs.append(gen.sample(emb, self.buffer.null, guidance_scale=scale,
-                                     num_inference_steps=c.sampling_steps, sampler=c.sampler, generator=g).cpu())
+                                     num_inference_steps=c.sampling_steps, sampler=c.sampler, generator=g,
+                                     guidance_interval=c.guidance_interval).cpu())
                 ys.append(torch.full((b,), int(cls), dtype=torch.long))
                 bar.update(b)
         bar.close()
@@ -325,6 +326,7 @@ class CPSDGeneratorPlugin(StatefulPlugin):
             "image_shape": list(shape),
             # only when not the default, so the manifests of earlier caches still match
             **({"guidance_draw": c.guidance_draw} if c.guidance_draw != "image" else {}),
+            **({"guidance_interval": list(c.guidance_interval)} if c.guidance_interval is not None else {}),
             **({"caption_prompts": {str(k): self.buffer.caption_prompts[k] for k in captioned},
                 "caption_embeddings_sha256": {str(k): tensor_sha256(self.buffer.caption_embeddings[k])
                                               for k in captioned}} if captioned else {}),
