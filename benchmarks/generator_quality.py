@@ -48,7 +48,7 @@ import os
 import shlex
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -56,6 +56,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 from avalanche_drcpsd.config import LR_SCHEDULES, DRCPSDConfig  # noqa: E402
 from avalanche_drcpsd.data import make_benchmark  # noqa: E402
@@ -97,6 +98,30 @@ def _streams(benchmark, iid: bool):
     if iid:
         train = [(torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]))]
     return train, (torch.cat([x for x, _ in test]), torch.cat([y for _, y in test]))
+
+
+def real_per_class(x: Tensor, y: Tensor, classes: Sequence[int], n_per_class: int, seed: int) -> Tuple[Tensor, Tensor]:
+    """``n_per_class`` images of each class of ``classes`` drawn without replacement from ``(x, y)`` (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.cat([torch.nonzero(y == k).flatten()[torch.randperm(int((y == k).sum()), generator=g)[:n_per_class]]
+                     for k in classes])
+    return x[idx], y[idx]
+
+
+def real_sets(benchmark_name: str, n_per_class: int, *, seed: int, data_root: str,
+              profile: str = "cpu") -> Dict[str, Any]:
+    """``n_per_class`` *real* training images of every class in the ``<variant>_sets.pt`` format (8-bit), named
+    ``real<n>``: the sets a perfect generator would keep."""
+    exp = experiment_for(benchmark_name, profile, data_root)
+    benchmark = make_benchmark(exp.benchmark, exp.data_root, seed=seed, **exp.benchmark_args)
+    [(x, y)], _ = _streams(benchmark, iid=True)
+    short = {int(k): int((y == k).sum()) for k in y.unique() if int((y == k).sum()) < n_per_class}
+    if short:
+        raise ValueError(f"n_per_class={n_per_class}, but {benchmark_name} has only {short} training images of "
+                         "these classes")
+    x, y = real_per_class(x, y, sorted(int(k) for k in y.unique()), n_per_class, seed)
+    return {"images": to_uint8(x), "labels": y, "benchmark": benchmark_name, "seed": seed,
+            "variant": f"real{n_per_class}"}
 
 
 def run_variant(benchmark_name: str, variant: str, overrides: Dict[str, Any], *, profile: str, data_root: str,
@@ -384,11 +409,7 @@ def rescore(path: str, seeds: List[int], *, data_root: str, profile: str, cas_ep
     per_class = min(int((y == k).sum()) for k in classes)
 
     def real_subset(seed: int):
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.cat([torch.nonzero(y_train == k).flatten()[torch.randperm(int((y_train == k).sum()),
-                                                                              generator=g)[:per_class]]
-                         for k in classes])
-        return x_train[idx], y_train[idx]
+        return real_per_class(x_train, y_train, classes, per_class, seed)
 
     def score(images, labels, s):
         return classification_accuracy_score(images, labels, x_test, y_test, epochs=cas_epochs, seed=s,

@@ -11,6 +11,10 @@ distillation are the package's own code, only the generator phase is skipped. Wi
 replay sets are exactly such fixed sets, so the accuracy here is what DR-CPSD would reach with that generator; with
 ``redraw`` it is an upper bound (no drift after a class is learned).
 
+``--real BENCHMARK`` replays *real* training images instead (``--real-per-class`` of each class, drawn with
+``--real-seed``; the sets are named ``real<n>_seed<k>``): the accuracy dream replay reaches with a perfect
+generator keeping that many images per class, the ceiling of a benchmark's kept sets.
+
 Variants (``benchmarks/replay_variants.json``) set ``DRCPSDConfig`` fields, and ``ExperimentConfig`` fields under
 ``"_experiment"``, on top of the sets' benchmark recipe (the main job's for ``default``, else the CPU profile).
 Each run appends one row to ``<out>/<benchmark>/ablation.csv``: variant, seed, final average accuracy, the
@@ -40,7 +44,7 @@ from avalanche_drcpsd.strategy import DRCPSD
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from generator_quality import experiment_for, load_variants, parse_sets  # noqa: E402  (a sibling script)
+from generator_quality import experiment_for, load_variants, parse_sets, real_sets  # noqa: E402  (a sibling script)
 
 VARIANTS_FILE = os.path.join(HERE, "replay_variants.json")
 #: ``final_average_accuracy``: the mean over the test experiences (the reports' figure); ``final_stream_accuracy``:
@@ -118,7 +122,13 @@ def append_row(path: str, row: Dict[str, Any]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sets", required=True, help="a <variant>_sets.pt of benchmarks/generator_quality.py")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--sets", help="a <variant>_sets.pt of benchmarks/generator_quality.py")
+    source.add_argument("--real", metavar="BENCHMARK",
+                        help="replay real training images of BENCHMARK instead of synthetic sets (--real-per-class "
+                             "of each class, seed --real-seed): what dream replay reaches with a perfect generator")
+    parser.add_argument("--real-per-class", type=int, default=500)
+    parser.add_argument("--real-seed", type=int, default=0)
     parser.add_argument("--variants", default="base", help="comma-separated names of replay_variants.json")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                         help="an extra DRCPSDConfig field for every variant (the variant is named with it)")
@@ -138,10 +148,20 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         parser.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
-    if not os.path.isfile(args.sets):
-        parser.error(f"--sets {args.sets!r} does not exist; benchmarks/generator_quality.py writes <variant>_sets.pt")
-    sets = torch.load(args.sets, map_location="cpu", weights_only=True)
-    label = os.path.splitext(os.path.basename(args.sets))[0].removesuffix("_sets")
+    if args.real is not None:
+        if args.real_per_class < 1:
+            parser.error(f"--real-per-class {args.real_per_class}: expected a number of images >= 1")
+        try:
+            sets = real_sets(args.real, args.real_per_class, seed=args.real_seed, data_root=args.data_root)
+        except (ValueError, KeyError) as exc:
+            parser.error(f"--real {args.real!r}: {exc}")
+        label = f"real{args.real_per_class}_seed{args.real_seed}"
+    else:
+        if not os.path.isfile(args.sets):
+            parser.error(f"--sets {args.sets!r} does not exist; benchmarks/generator_quality.py writes "
+                         "<variant>_sets.pt")
+        sets = torch.load(args.sets, map_location="cpu", weights_only=True)
+        label = os.path.splitext(os.path.basename(args.sets))[0].removesuffix("_sets")
     out = os.path.join(args.out, sets["benchmark"], "ablation.csv")
     for v in names:
         overrides = {**variants[v], **extra}

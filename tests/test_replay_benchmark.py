@@ -37,3 +37,22 @@ def test_run_one_replays_the_saved_sets_without_a_generator(one_thread):
     assert row["final_average_accuracy"] == pytest.approx(sum(per) / len(per), abs=1e-4)  # the reports' figure
     assert 0.0 <= row["final_stream_accuracy"] <= 1.0 and set(row) | {"sets", "variant", "seed", "overrides"} == set(
         rq.FIELDS)
+
+
+def test_real_sets_are_training_images_of_every_class_in_the_sets_format():
+    gq = benchmark_module("generator_quality")
+    sets = gq.real_sets("default", 7, seed=3, data_root="")
+    assert sets["images"].dtype == torch.uint8 and sets["images"].shape[1:] == (1, 28, 28)
+    assert sets["labels"].bincount().tolist() == [7] * 10 and sets["variant"] == "real7"
+    again = gq.real_sets("default", 7, seed=3, data_root="")
+    assert torch.equal(sets["images"], again["images"])  # seeded
+    assert not torch.equal(sets["images"], gq.real_sets("default", 7, seed=4, data_root="")["images"])
+    from avalanche_drcpsd.data import make_benchmark
+
+    stream = make_benchmark("default", "").train_stream
+    train = torch.cat([torch.stack([x for x, *_ in e.dataset.eval()]) for e in stream])
+    pool = {bytes((img * 255).round().to(torch.uint8).numpy()) for img in train}
+    assert all(bytes(img.numpy()) in pool for img in sets["images"]), "every image is a training image"
+    with pytest.raises(ValueError, match="n_per_class=100000, but default has only"):
+        gq.real_sets("default", 100000, seed=0, data_root="")
+
