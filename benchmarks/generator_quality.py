@@ -45,6 +45,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -438,6 +439,25 @@ def rescore(path: str, seeds: List[int], *, data_root: str, profile: str, cas_ep
     return rows
 
 
+#: what a label appends to ``<variant>+<--set items>``: ``--experiences``, ``--seed`` (other than 42), ``--iid``
+LABEL_SUFFIX = re.compile(r"(_first\d+)?(_seed\d+)?(_iid)?$")
+
+
+def label_overrides(label: str, variants: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """The ``DRCPSDConfig`` overrides a CSV's label names: its variant's fields, then its ``--set`` items (a
+    ``--draw`` alternative after ``@`` is named only, as ``{"draw": name}``: its fields are not in the label)."""
+    base, _, draw = label.partition("@")
+    name, *items = LABEL_SUFFIX.sub("", base).split("+")
+    overrides = dict(variants.get(name, {}))
+    for item in items:
+        field, _, value = item.partition("=")
+        try:
+            overrides[field] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[field] = value
+    return {**overrides, **({"draw": draw} if draw else {})}
+
+
 def _summarise_folder(args, variants: Dict[str, Dict[str, Any]]) -> None:
     """``--summarise K``: ablation rows from the CSVs already written (a killed run's ``.partial.csv`` too)."""
     folder = os.path.join(args.out, args.benchmark)
@@ -453,11 +473,8 @@ def _summarise_folder(args, variants: Dict[str, Dict[str, Any]]) -> None:
             print(f"{name}: {done} experience(s), fewer than {args.summarise}: skipped")
             continue
         variant = rows[0]["variant"]
-        base, _, draw = variant.partition("@")  # a --draw alternative's fields are not in its name: named only
-        base = base.split("+")[0].removesuffix("_iid")
-        base = base.split("_first")[0] if base not in variants else base
-        overrides = {**variants.get(base, {}), **({"draw": draw} if draw else {})}
-        row = summarise(rows, iid=variant.endswith("_iid"), threads=args.threads, overrides=overrides,
+        row = summarise(rows, iid=variant.endswith("_iid"), threads=args.threads,
+                        overrides=label_overrides(variant, variants),
                         upto=args.summarise)
         upsert_ablation(os.path.join(args.out, "ablation.csv"), row)
         if name.endswith(".partial.csv"):

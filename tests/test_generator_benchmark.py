@@ -44,3 +44,15 @@ def test_ablation_rows_name_their_cas_schedule_and_old_rows_read_constant(tmp_pa
     with open(path, newline="", encoding="utf-8") as fh:
         rows = {r["variant"]: r["cas_schedule"] for r in csv.DictReader(fh)}
     assert rows == {"old": "constant", "new": "cosine"}
+
+
+def test_a_label_names_its_variant_its_set_items_and_its_draw():
+    """--summarise rebuilds an ablation row's overrides from a CSV's label alone."""
+    gq = benchmark_module("generator_quality")
+    variants = {"profile": {}, "ema": {"generator_ema_decay": 0.999}}
+    assert gq.label_overrides("profile+cond_dropout=0.2_first4_seed69@g1.5", variants) == {
+        "cond_dropout": 0.2, "draw": "g1.5"}
+    assert gq.label_overrides('ema+replay_draw="once"+guidance_interval=[0,0.6]_iid', variants) == {
+        "generator_ema_decay": 0.999, "replay_draw": "once", "guidance_interval": [0, 0.6]}
+    assert gq.label_overrides("ema_seed7", variants) == {"generator_ema_decay": 0.999}
+
