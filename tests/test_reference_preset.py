@@ -375,27 +375,35 @@ def test_a_cuda_device_without_cuda_fails_before_anything_is_built(monkeypatch):
     check_device("cpu")
 
 
-@pytest.mark.parametrize("draw", ["image", "batch"])
-def test_guidance_is_drawn_per_image_or_per_generation_batch(mnist_small, monkeypatch, one_thread, draw):
-    """``guidance_draw="batch"`` (the original: one U(5, 9) scale per pipeline call): each generation batch gets
-    one float scale from the range; ``image`` hands the range to the generator, which draws one per image."""
+def _generation_calls(mnist_small, monkeypatch, n_per_class, **config):
+    """A plugin of ``tiny_config(**config)`` that learned classes 0 and 1, and the keyword arguments of every
+    generator call its ``sample([0, 1], n_per_class)`` made."""
     from conftest import tiny_config
 
     from avalanche_drcpsd import CPSDGeneratorPlugin
     from avalanche_drcpsd.utils import dataset_tensors
 
-    plugin = CPSDGeneratorPlugin(tiny_config(guidance_scale=(5.0, 9.0), guidance_draw=draw, sample_batch_size=3),
-                                 verbose=False)
+    plugin = CPSDGeneratorPlugin(tiny_config(**config), verbose=False)
     plugin.learn_classes(*dataset_tensors(mnist_small.train_stream[0].dataset.eval()))
-    scales = []
+    calls = []
     original = plugin.generator.sample
 
-    def spy(cond, null, *, guidance_scale, **kwargs):
-        scales.append(guidance_scale)
-        return original(cond, null, guidance_scale=guidance_scale, **kwargs)
+    def spy(cond, null, **kwargs):
+        calls.append(kwargs)
+        return original(cond, null, **kwargs)
 
     monkeypatch.setattr(plugin.generator, "sample", spy)
-    plugin.sample([0, 1], 7)  # 3 + 3 + 1 images per class
+    plugin.sample([0, 1], n_per_class)
+    return plugin, calls
+
+
+@pytest.mark.parametrize("draw", ["image", "batch"])
+def test_guidance_is_drawn_per_image_or_per_generation_batch(mnist_small, monkeypatch, one_thread, draw):
+    """``guidance_draw="batch"`` (the original: one U(5, 9) scale per pipeline call): each generation batch gets
+    one float scale from the range; ``image`` hands the range to the generator, which draws one per image."""
+    plugin, calls = _generation_calls(mnist_small, monkeypatch, 7, guidance_scale=(5.0, 9.0), guidance_draw=draw,
+                                      sample_batch_size=3)  # 3 + 3 + 1 images per class
+    scales = [kw["guidance_scale"] for kw in calls]
     assert len(scales) == 6
     if draw == "batch":
         assert all(isinstance(s, float) and 5.0 <= s <= 9.0 for s in scales)
@@ -409,24 +417,9 @@ def test_guidance_is_drawn_per_image_or_per_generation_batch(mnist_small, monkey
 def test_guidance_interval_reaches_the_generator_and_names_the_cached_sets(mnist_small, monkeypatch, one_thread):
     """The plugin hands ``guidance_interval`` to every generation call and writes it into the synthetic cache's
     manifest only when set (the manifests of caches made before it still match)."""
-    from conftest import tiny_config
-
-    from avalanche_drcpsd import CPSDGeneratorPlugin
-    from avalanche_drcpsd.utils import dataset_tensors
-
-    plugin = CPSDGeneratorPlugin(tiny_config(guidance_interval=[0.0, 0.5], sample_batch_size=4), verbose=False)
+    plugin, calls = _generation_calls(mnist_small, monkeypatch, 4, guidance_interval=[0.0, 0.5], sample_batch_size=4)
     assert plugin.config.guidance_interval == (0.0, 0.5)
-    plugin.learn_classes(*dataset_tensors(mnist_small.train_stream[0].dataset.eval()))
-    seen = []
-    original = plugin.generator.sample
-
-    def spy(cond, null, *, guidance_interval, **kwargs):
-        seen.append(guidance_interval)
-        return original(cond, null, guidance_interval=guidance_interval, **kwargs)
-
-    monkeypatch.setattr(plugin.generator, "sample", spy)
-    plugin.sample([0, 1], 4)
-    assert seen == [(0.0, 0.5), (0.0, 0.5)]
+    assert [kw["guidance_interval"] for kw in calls] == [(0.0, 0.5), (0.0, 0.5)]
     assert plugin.cache_settings([0], 4, 0)["guidance_interval"] == [0.0, 0.5]
     monkeypatch.setattr(plugin, "config", plugin.config.replace(guidance_interval=None))
     assert "guidance_interval" not in plugin.cache_settings([0], 4, 0)
