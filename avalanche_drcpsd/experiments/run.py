@@ -193,7 +193,6 @@ def _check_benchmark_args(benchmark: str, args: Any) -> None:
         raise ConfigError(f"benchmark_args['cache_dir']={_short(cache)} must be a non-empty path or null")
 
 
-#: the main job's recipe (:func:`default_experiment`)
 #: Avalanche's per-experience test accuracy (``accuracy_metrics(experience=True)``), one key per test experience
 EXPERIENCE_ACCURACY = re.compile(r"Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)")
 
@@ -206,6 +205,7 @@ def experience_accuracies(results: Dict[str, Any]) -> List[float]:
     return [v for _, v in found]
 
 
+#: the main job's recipe (:func:`default_experiment`)
 DEFAULT_EXPERIMENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.json")
 
 
