@@ -364,10 +364,10 @@ class DRCPSDConfig:
         if isinstance(self.synthetic_cache_dir, os.PathLike):
             self.synthetic_cache_dir = os.fspath(self.synthetic_cache_dir)
         self.unet_block_out_channels = _as_int_tuple("unet_block_out_channels", self.unet_block_out_channels)
-        if isinstance(self.guidance_scale, (list, tuple)):
-            self.guidance_scale = tuple(float(_number("guidance_scale", g)) for g in self.guidance_scale)
-        if isinstance(self.guidance_interval, (list, tuple)):
-            self.guidance_interval = tuple(float(_number("guidance_interval", v)) for v in self.guidance_interval)
+        for name in ("guidance_scale", "guidance_interval"):  # pairs of numbers, kept as tuples
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, tuple(float(_number(name, v)) for v in value))
         for name in ("input_range", "input_mean", "input_std"):
             value = getattr(self, name)
             if value is not None:

@@ -409,15 +409,12 @@ def rescore(path: str, seeds: List[int], *, data_root: str, profile: str, cas_ep
     classes = sorted(int(k) for k in y.unique())
     per_class = min(int((y == k).sum()) for k in classes)
 
-    def real_subset(seed: int):
-        return real_per_class(x_train, y_train, classes, per_class, seed)
-
     def score(images, labels, s):
         return classification_accuracy_score(images, labels, x_test, y_test, epochs=cas_epochs, seed=s,
                                              schedule=cas_schedule)
 
     per_seed = [score(x, y, s) for s in seeds]
-    real_seed = [score(*real_subset(s), s) for s in seeds]
+    real_seed = [score(*real_per_class(x_train, y_train, classes, per_class, s), s) for s in seeds]
     rows = []
     for k in classes:
         v = np.array([c[k] for c in per_seed])
