@@ -59,6 +59,7 @@ CHOICES = {
     "replay_filter": ("none", "teacher"),
     "generator_memory_format": ("contiguous", "channels_last"),
     "generator_last_experience": ("train", "skip"),
+    "generator_scope": ("continual", "per_experience"),
     "guidance_draw": ("image", "batch"),
 }
 
@@ -179,6 +180,15 @@ class DRCPSDConfig:
     #: *package*: steps of the first generator phase, which trains a generator from scratch (the later phases
     #: start from a trained one and learn only their new classes); None: ``generator_steps``.
     generator_first_steps: Optional[int] = None
+    #: *package*: ``continual``: one generator learns every experience in turn (each phase starts from the
+    #: weights the last one left); ``per_experience``: each experience's classes are learned by a generator built
+    #: from scratch for them (seeded by ``seed`` plus the experience index; ``generator_first_steps`` steps each)
+    #: and frozen after its classes' sets are drawn: nothing to forget and no teacher, the design alternative of
+    #: issue 13. It needs ``replay_draw="once"`` (an old class's set is drawn from the generator that learned it,
+    #: before the next one replaces it; a later experience could not redraw it), no generative distillation and
+    #: ``cpsd_order="after_generator"`` (the new classes' embeddings are fitted on their own generator). Only the
+    #: newest generator is held: the older ones are represented by their kept sets, which the run's memory counts.
+    generator_scope: str = "continual"
     generator_batch_size: int = 128
     generator_lr: float = 1e-3
     #: weight of generative distillation (Masip et al.): MSE between the new and the previous generator's
@@ -413,6 +423,20 @@ class DRCPSDConfig:
         v = _number("generator_replay_fraction", self.generator_replay_fraction)
         if not 0.0 < v < 1.0:
             raise ConfigError(f"generator_replay_fraction={v!r} must be in (0, 1)")
+        if self.generator_scope == "per_experience":
+            needs = {"replay_draw": ("once", self.replay_draw), "cpsd_order": ("after_generator", self.cpsd_order),
+                     "generator": ("unet", self.generator)}
+            for name, (want, have) in needs.items():
+                if have != want:
+                    raise ConfigError(f"generator_scope='per_experience' with {name}={have!r}: a generator per "
+                                      f"experience needs {name}={want!r} (each old class is drawn once, from the "
+                                      "generator that learned it, which the next experience replaces)")
+            if self.generator_distill_weight != 0 or self.generator_path is not None:
+                raise ConfigError(
+                    f"generator_scope='per_experience' with generator_distill_weight={self.generator_distill_weight!r}"
+                    f" and generator_path={self.generator_path!r}: each experience's generator starts from scratch, "
+                    "so there is no teacher to distil and no pretrained weights to start from; expected "
+                    "generator_distill_weight=0 and generator_path=None")
         if self.generator_last_experience == "skip" and self.replay_classes == "seen":
             raise ConfigError("generator_last_experience='skip' with replay_classes='seen': the last experience's "
                               "replay draws its own classes from the generator its generator phase trains; use "

@@ -276,3 +276,47 @@ def test_channels_last_generator_trains_the_same_model_in_nhwc(mnist_small, one_
     trained["channels_last"].save_pretrained(tmp_path / "gen")
     loaded = DiffusionGenerator.from_pretrained(tmp_path / "gen")
     torch.testing.assert_close(_flat(loaded), _flat(trained["channels_last"]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"replay_draw": "redraw"}, "replay_draw"), ({"cpsd_order": "before_generator"}, "cpsd_order"),
+    ({"generator_distill_weight": 1.0}, "generator_distill_weight"), ({"generator_scope": "each"}, "generator_scope"),
+])
+def test_per_experience_generator_refuses_what_it_cannot_do(overrides, field):
+    values = {"generator_scope": "per_experience", "replay_draw": "once", "generator_distill_weight": 0.0, **overrides}
+    with pytest.raises(ConfigError, match=field):
+        DRCPSDConfig(**values).validate()
+
+
+def test_per_experience_generator_starts_each_experience_from_scratch(mnist_small, one_thread, monkeypatch):
+    """generator_scope="per_experience": experience 1's generator starts from the weights a generator seeded with
+    seed + 1 is built with (not experience 0's), gets generator_first_steps, and the old classes' kept sets are
+    drawn from experience 0's generator before it is replaced, whether or not begin_experience ran."""
+    import avalanche_drcpsd.plugins.generator as module
+
+    starts, steps = [], []
+
+    def spy(gen, *args, **kwargs):
+        starts.append(_flat(gen.unet))
+        steps.append(kwargs["steps"])
+        return train(gen, *args, **kwargs)
+
+    train = module.train_generator
+    monkeypatch.setattr(module, "train_generator", spy)
+    common = dict(replay_draw="once", generator_distill_weight=0.0, n_replay_per_class=6, generator_first_steps=5)
+    continual = _plugin(**common)
+    continual.learn_classes(*_exp_tensors(mnist_small, 0))
+    continual.begin_experience(1)
+    plugin = _plugin(generator_scope="per_experience", **common)
+    plugin.learn_classes(*_exp_tensors(mnist_small, 0))
+    first = plugin.generator
+    plugin._exp = 1  # learn_classes without begin_experience: the kept sets must still come from `first`
+    plugin.learn_classes(*_exp_tensors(mnist_small, 1))
+    assert plugin.generator is not first and sorted(plugin.kept) == [0, 1]
+    assert all(torch.equal(plugin.kept[k], continual.kept[k]) for k in (0, 1))
+    seeded = _plugin(seed=1, **common)
+    seeded.learn_classes(*_exp_tensors(mnist_small, 0))
+    # calls: continual exp 0, plugin exp 0, plugin exp 1, seeded exp 0
+    assert torch.equal(starts[2], starts[3])  # experience 1 of seed 0 starts where experience 0 of seed 1 does
+    assert not torch.equal(starts[2], starts[1])
+    assert steps == [5, 5, 5, 5] and plugin.generator_steps([2, 3]) == 5 and continual.generator_steps([2, 3]) == 4

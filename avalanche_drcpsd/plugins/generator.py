@@ -196,15 +196,19 @@ class CPSDGeneratorPlugin(StatefulPlugin):
                 raise TextEncoderError(f"the text encoder's hidden size {self.text_encoder.hidden_size} does not match "
                                        f"the generator's cross_attention_dim {width}")
 
-    def build_generator(self, image_shape: Sequence[int]) -> DiffusionGenerator:
+    def build_generator(self, image_shape: Sequence[int], *, fresh: bool = False) -> DiffusionGenerator:
         """The generator for images of ``image_shape``: built (seeded by ``seed``) on the first call, given that
-        output shape when it is a pretrained one of another shape; a resumed run calls it before loading weights."""
+        output shape when it is a pretrained one of another shape; a resumed run calls it before loading weights.
+        ``fresh``: a new one replaces it (``generator_scope="per_experience"``), seeded by ``seed`` plus the
+        experience index."""
+        if fresh:
+            self.generator = None
         if self.generator is not None and self.generator.output_shape != tuple(image_shape):
             self.generator.set_output_shape(image_shape)  # a pretrained generator's images take the data's shape
         if self.generator is None:
             c = self.config
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(c.seed)
+                torch.manual_seed(c.seed + (self._exp if fresh else 0))
                 self.generator = DiffusionGenerator.build(
                     image_shape=image_shape, cross_attention_dim=self.text_encoder.hidden_size,
                     block_out_channels=c.unet_block_out_channels, layers_per_block=c.unet_layers_per_block,
@@ -408,7 +412,11 @@ class CPSDGeneratorPlugin(StatefulPlugin):
         new = sorted(int(c) for c in new)
         if not new:
             return
-        self.build_generator(images.shape[1:])
+        old = [k for k in self.learned_classes if k not in new]
+        fresh = self.config.generator_scope == "per_experience" and bool(old) and self.trainable and not done
+        if fresh:  # every old class's set comes from the generator that learned it, before it is replaced
+            self._kept_sets(old, self.config.n_replay_per_class)
+        self.build_generator(images.shape[1:], fresh=fresh)
         tokens = self.class_tokens(new)
         for phase in self.learning_phases():
             if phase in done:
@@ -423,9 +431,11 @@ class CPSDGeneratorPlugin(StatefulPlugin):
 
     def generator_steps(self, new_classes: Sequence[int]) -> int:
         """Optimiser steps of the generator phase that learns ``new_classes``: ``generator_first_steps`` (when
-        set) if no other class has been learned (a generator from scratch), else ``generator_steps``."""
+        set) for a generator from scratch (no other class learned, or ``generator_scope="per_experience"``), else
+        ``generator_steps``."""
         c = self.config
-        if c.generator_first_steps is not None and set(self.learned_classes) <= {int(k) for k in new_classes}:
+        scratch = c.generator_scope == "per_experience" or set(self.learned_classes) <= {int(k) for k in new_classes}
+        if c.generator_first_steps is not None and scratch:
             return c.generator_first_steps
         return c.generator_steps
 
