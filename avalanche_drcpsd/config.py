@@ -46,7 +46,7 @@ CHOICES = {
     "replay_optimizer": ("fresh", "continue"),
     "replay_lr_schedule": LR_SCHEDULES,
     "mmd_kind": ("mean", "gaussian"),
-    "sampler": ("dpm", "ddim"),
+    "sampler": ("dpm", "dpm_sde", "ddim"),
     "student_init": ("average", "ema", "fresh"),
     "distill_targets": ("split", "both"),
     "cpsd_order": ("after_generator", "before_generator"),
@@ -234,6 +234,8 @@ class DRCPSDConfig:
     cond_dropout: float = 0.1
 
     # --- sampling -------------------------------------------------------------------------------------
+    #: ``dpm`` (DPM-Solver++ 2M), *package* ``dpm_sde`` (its stochastic form: fresh noise at every step, from
+    #: each class's sampling stream) or ``ddim`` (eta 0).
     sampler: str = "dpm"
     sampling_steps: int = 20
     #: a fixed scale, or ``(low, high)``: a scale drawn from U(low, high) per image (reference: U(5, 9)).

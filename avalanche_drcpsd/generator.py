@@ -72,7 +72,7 @@ def draw_guidance_scales(guidance_scale: GuidanceScale, n: int, generator: Optio
 
 def guided_denoise(predict_noise: Callable[[Tensor, Tensor, Tensor], Tensor], scheduler, z: Tensor, cond: Tensor,
                    null: Tensor, guidance: Tensor, *, interval: Optional[Tuple[float, float]] = None,
-                   progress: bool = False) -> Tensor:
+                   generator: Optional[torch.Generator] = None, progress: bool = False) -> Tensor:
     """Run ``scheduler``'s reverse process from the noise ``z`` ``(B, ...)`` with classifier-free guidance
     (Ho & Salimans, 2022): :math:`\\hat\\epsilon = \\epsilon(z_t, \\varnothing) + w\\,(\\epsilon(z_t, c) -
     \\epsilon(z_t, \\varnothing))`, one batched ``predict_noise(z, t, cond)`` call per step for both halves (one
@@ -82,7 +82,8 @@ def guided_denoise(predict_noise: Callable[[Tensor, Tensor, Tensor], Tensor], sc
     ``interval`` ``(low, high)``: guidance only at the steps whose timestep ``t`` has ``low <= t / T <= high``
     (``T`` the scheduler's ``num_train_timesteps``), the conditional prediction alone at the others (Kynkaanniemi
     et al., 2024, "Applying guidance in a limited interval": guidance at the noisiest steps narrows the samples
-    without making them more faithful). None: every step."""
+    without making them more faithful). None: every step. ``generator``: where a stochastic sampler (``dpm_sde``)
+    draws the noise it adds at each step."""
     b = z.shape[0]
     w = guidance.to(z.device).view(b, *([1] * (z.dim() - 1)))
     both = torch.cat([null.expand(b, -1, -1), cond], 0)
@@ -95,13 +96,19 @@ def guided_denoise(predict_noise: Callable[[Tensor, Tensor, Tensor], Tensor], sc
             eps = eps_u + w * (eps_c - eps_u)
         else:
             eps = predict_noise(model_in, t.expand(b), cond)
-        z = scheduler.step(eps, t, z).prev_sample
+        z = scheduler.step(eps, t, z, **({"generator": generator} if _stochastic(scheduler) else {})).prev_sample
     return z
+
+
+def _stochastic(scheduler) -> bool:
+    return getattr(scheduler.config, "algorithm_type", "").startswith("sde-")
 
 
 def make_sampling_scheduler(kind: str, config, *,
                             clip_x0: bool = True) -> Union[DPMSolverMultistepScheduler, DDIMScheduler]:
-    """A few-step sampler sharing the training scheduler's noise schedule (``kind``: ``dpm`` or ``ddim``).
+    """A few-step sampler sharing the training scheduler's noise schedule (``kind``): ``dpm`` (DPM-Solver++ 2M, an
+    ODE solver), ``dpm_sde`` (its stochastic form, SDE-DPM-Solver++ 2M: fresh noise at every step, Lu et al., 2022)
+    or ``ddim`` (eta 0).
 
     ``clip_x0``: clip the predicted clean sample to the data range [-1, 1] at every step (pixel space). Near
     t = T the epsilon-to-x0 conversion divides by sqrt(abar_T) (1/157 for the linear schedule), so without it an
@@ -110,14 +117,15 @@ def make_sampling_scheduler(kind: str, config, *,
     # "trailing" spacing starts few-step sampling at the last training timestep (Lin et al., 2024). It is passed
     # explicitly: a value left at its default is not carried through save/load, so a reloaded scheduler would
     # otherwise fall back to the training scheduler's spacing and sample differently.
-    if kind == "dpm":
+    if kind in ("dpm", "dpm_sde"):
         return DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
+            config, algorithm_type="dpmsolver++" if kind == "dpm" else "sde-dpmsolver++", solver_order=2,
+            timestep_spacing="trailing",
             thresholding=clip_x0, dynamic_thresholding_ratio=1.0, sample_max_value=1.0)
     if kind == "ddim":
         return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=clip_x0,
                                          clip_sample_range=1.0)
-    raise GeneratorError(f"sampler={kind!r}; expected 'dpm' or 'ddim'")
+    raise GeneratorError(f"sampler={kind!r}; expected 'dpm', 'dpm_sde' or 'ddim'")
 
 
 def _model_size(h: int, w: int, patch_size: int, levels: int) -> int:
@@ -339,7 +347,7 @@ class DiffusionGenerator(Generator):
         z = torch.randn((b,) + self.spec.latent_shape, generator=generator).to(device)
         z = z * scheduler.init_noise_sigma
         return guided_denoise(self.predict_noise, scheduler, z, cond.to(device), null.to(device), w,
-                              interval=guidance_interval)
+                              interval=guidance_interval, generator=generator)
 
     # ------------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:

@@ -501,9 +501,10 @@ class StableDiffusionGenerator(Generator):
         guidance_interval: Optional[Tuple[float, float]] = None,
         progress: bool = False,
     ) -> Tensor:
-        """Images in [0, 1] of :attr:`image_shape` for conditions ``cond`` ``(B, L, D)``: DPM-Solver++ (2M) or
-        DDIM with ``num_inference_steps`` steps on the pipeline's noise schedule, classifier-free guidance against
-        ``null`` ``(L, D)`` (the empty prompt) with one batched UNet call per step, a guidance scale per image
+        """Images in [0, 1] of :attr:`image_shape` for conditions ``cond`` ``(B, L, D)``: DPM-Solver++ (2M, or its
+        stochastic form ``dpm_sde``) or DDIM with ``num_inference_steps`` steps on the pipeline's noise schedule,
+        classifier-free guidance against ``null`` ``(L, D)`` (the empty prompt) with one batched UNet call per
+        step, a guidance scale per image
         (a number, or ``(low, high)`` for U(low, high)), at the steps of ``guidance_interval`` only
         (:func:`~avalanche_drcpsd.generator.guided_denoise`; None: all). Noise and scales are drawn on the CPU from
         ``generator``."""
@@ -515,7 +516,7 @@ class StableDiffusionGenerator(Generator):
         w = draw_guidance_scales(guidance_scale, b, generator)
         z = torch.randn((b,) + self.latent_shape, generator=generator).to(device) * scheduler.init_noise_sigma
         return self.decode(guided_denoise(self.predict_noise, scheduler, z, cond.to(device), null.to(device), w,
-                                          interval=guidance_interval, progress=progress))
+                                          interval=guidance_interval, generator=generator, progress=progress))
 
 
 # --------------------------------------------------------------------------------------------------------

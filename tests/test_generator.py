@@ -10,7 +10,13 @@ import shutil
 import pytest
 import torch
 
-from avalanche_drcpsd.generator import DiffusionGenerator, GeneratorError, GeneratorSpec, make_sampling_scheduler
+from avalanche_drcpsd.generator import (
+    DiffusionGenerator,
+    GeneratorError,
+    GeneratorSpec,
+    guided_denoise,
+    make_sampling_scheduler,
+)
 
 L, D = 4, 16  # condition tokens and cross-attention width
 
@@ -251,6 +257,19 @@ def test_samplers_differ_on_a_well_behaved_denoiser(gen, monkeypatch):
     ddim = gen.sample(cond, null, generator=torch.Generator().manual_seed(0), sampler="ddim", **kw)
     assert 0.0 < float(dpm.mean()) < 1.0 and 0.0 < float(ddim.mean()) < 1.0
     assert not torch.equal(dpm, ddim)
+    # the stochastic DPM-Solver++ adds noise from the sampling generator at every step: reproducible from its seed,
+    # and another stream after the same starting noise gives other images
+    sde = gen.sample(cond, null, generator=torch.Generator().manual_seed(0), sampler="dpm_sde", **kw)
+    assert torch.equal(sde, gen.sample(cond, null, generator=torch.Generator().manual_seed(0), sampler="dpm_sde", **kw))
+    assert 0.0 < float(sde.mean()) < 1.0 and not torch.equal(sde, dpm)
+    z = torch.randn((2,) + gen.spec.latent_shape, generator=torch.Generator().manual_seed(0))
+    ends = []
+    for seed in (1, 2):
+        scheduler = make_sampling_scheduler("dpm_sde", gen.noise_scheduler.config)
+        scheduler.set_timesteps(3)
+        ends.append(guided_denoise(predict_noise, scheduler, z * scheduler.init_noise_sigma, cond, null,
+                                   torch.full((2,), 2.0), generator=torch.Generator().manual_seed(seed)))
+    assert not torch.equal(*ends)
 
 
 def test_sample_does_not_track_gradients(gen):
@@ -272,6 +291,7 @@ def test_make_sampling_scheduler(gen):
         make_sampling_scheduler("bogus", cfg)
     dpm = make_sampling_scheduler("dpm", cfg)
     ddim = make_sampling_scheduler("ddim", cfg)
+    assert make_sampling_scheduler("dpm_sde", cfg).config.algorithm_type == "sde-dpmsolver++"
     assert type(dpm).__name__ == "DPMSolverMultistepScheduler"
     assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.solver_order == 2
     assert type(ddim).__name__ == "DDIMScheduler"
