@@ -431,8 +431,9 @@ class DRCPSDConfig:
             for name, (want, have) in needs.items():
                 if have != want:
                     raise ConfigError(f"generator_scope='per_experience' with {name}={have!r}: a generator per "
-                                      f"experience needs {name}={want!r} (each old class is drawn once, from the "
-                                      "generator that learned it, which the next experience replaces)")
+                                      f"experience needs {name}={want!r} (each offline generator learns its own "
+                                      "classes from scratch, their sets and embeddings come from it, and the next "
+                                      "experience replaces it)")
             if self.generator_distill_weight != 0 or self.generator_path is not None:
                 raise ConfigError(
                     f"generator_scope='per_experience' with generator_distill_weight={self.generator_distill_weight!r}"
