@@ -96,12 +96,8 @@ def guided_denoise(predict_noise: Callable[[Tensor, Tensor, Tensor], Tensor], sc
             eps = eps_u + w * (eps_c - eps_u)
         else:
             eps = predict_noise(model_in, t.expand(b), cond)
-        z = scheduler.step(eps, t, z, **({"generator": generator} if _stochastic(scheduler) else {})).prev_sample
+        z = scheduler.step(eps, t, z, generator=generator).prev_sample  # only a stochastic step draws from it
     return z
-
-
-def _stochastic(scheduler) -> bool:
-    return getattr(scheduler.config, "algorithm_type", "").startswith("sde-")
 
 
 def make_sampling_scheduler(kind: str, config, *,
