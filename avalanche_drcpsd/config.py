@@ -426,20 +426,15 @@ class DRCPSDConfig:
         if not 0.0 < v < 1.0:
             raise ConfigError(f"generator_replay_fraction={v!r} must be in (0, 1)")
         if self.generator_scope == "per_experience":
-            needs = {"replay_draw": ("once", self.replay_draw), "cpsd_order": ("after_generator", self.cpsd_order),
-                     "generator": ("unet", self.generator)}
-            for name, (want, have) in needs.items():
-                if have != want:
-                    raise ConfigError(f"generator_scope='per_experience' with {name}={have!r}: a generator per "
-                                      f"experience needs {name}={want!r} (each offline generator learns its own "
-                                      "classes from scratch, their sets and embeddings come from it, and the next "
-                                      "experience replaces it)")
-            if self.generator_distill_weight != 0 or self.generator_path is not None:
-                raise ConfigError(
-                    f"generator_scope='per_experience' with generator_distill_weight={self.generator_distill_weight!r}"
-                    f" and generator_path={self.generator_path!r}: each experience's generator starts from scratch, "
-                    "so there is no teacher to distil and no pretrained weights to start from; expected "
-                    "generator_distill_weight=0 and generator_path=None")
+            needs = {"replay_draw": "once", "cpsd_order": "after_generator", "generator": "unet",
+                     "generator_distill_weight": 0, "generator_path": None}
+            for name, want in needs.items():
+                if getattr(self, name) != want:
+                    raise ConfigError(f"generator_scope='per_experience' with {name}={getattr(self, name)!r}: a "
+                                      f"generator per experience needs {name}={want!r} (each offline generator "
+                                      "learns its own classes from scratch, with no teacher and no pretrained "
+                                      "weights; their sets and embeddings come from it, and the next experience "
+                                      "replaces it)")
         if self.generator_last_experience == "skip" and self.replay_classes == "seen":
             raise ConfigError("generator_last_experience='skip' with replay_classes='seen': the last experience's "
                               "replay draws its own classes from the generator its generator phase trains; use "
