@@ -208,6 +208,24 @@ def test_replay_draw_once_keeps_each_class_set(mnist_small, one_thread):
     assert plugin.timer.seconds[(2, "generation")] > 0
 
 
+def test_replayed_samples_are_the_kept_sets_of_old_classes(mnist_small, one_thread):
+    """What the run's measurements (FID/KID, MMD gap, sample grids) draw: an old class's kept images, not the
+    generator's fresh samples of it; a class with no kept set (just learned) or too small a one is sampled."""
+    plugin = _plugin(replay_draw="once", n_replay_per_class=6)
+    plugin.learn_classes(*_exp_tensors(mnist_small, 0))
+    plugin.begin_experience(1)
+    plugin.learn_classes(*_exp_tensors(mnist_small, 1))
+    x, y = plugin.replayed_samples([0, 1, 2, 3], 4, seed=5)
+    assert y.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4 and x.shape[0] == 16
+    for k in (0, 1):
+        assert torch.equal(x[y == k], plugin.kept[k][:4].float() / 255)
+    fresh, _ = plugin.sample([2, 3], 4, seed=5)
+    assert torch.equal(x[y >= 2], fresh)
+    # more images than a kept set holds: the class is drawn from the generator instead
+    x8, y8 = plugin.replayed_samples([0], 8, seed=5)
+    assert torch.equal(x8, plugin.sample([0], 8, seed=5)[0]) and not torch.equal(x8[:6], plugin.kept[0].float() / 255)
+
+
 def test_replay_draw_redraw_draws_old_classes_again(mnist_small, one_thread):
     plugin = _plugin(replay_draw="redraw", n_replay_per_class=6)
     plugin.learn_classes(*_exp_tensors(mnist_small, 0))

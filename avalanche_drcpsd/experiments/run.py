@@ -228,15 +228,17 @@ def _measurement_samples(strategy, exp: ExperimentConfig) -> Tuple[torch.Tensor,
     learned class as many as the largest measurement takes (FID/KID's ``fidelity_samples_per_class`` when an
     extractor is set, the MMD gap's ``gap_samples_per_class``, the sample grid's :data:`GRID_PER_CLASS`), seed
     :data:`MEASUREMENT_SEED`; each takes the first ones of every class (drawing them apart cost the CPU profiles 140
-    images per class and experience instead of 100: 11% of a Split-MNIST run's wall time)."""
+    images per class and experience instead of 100: 11% of a Split-MNIST run's wall time). The images are those dream
+    replay holds (:meth:`~avalanche_drcpsd.plugins.generator.CPSDGeneratorPlugin.replayed_samples`: an old class's
+    kept set with ``replay_draw="once"``, fresh samples of the generator otherwise)."""
     n = GRID_PER_CLASS
     if exp.fidelity_extractor:
         n = max(n, exp.fidelity_samples_per_class)
     mmd = strategy.mmd_plugin
     if mmd is not None:
         n = max(n, mmd.samples_per_class)
-    x, y = strategy.generator_plugin.sample(strategy.buffer.classes, n, seed=MEASUREMENT_SEED,
-                                            desc="measurement samples")
+    x, y = strategy.generator_plugin.replayed_samples(strategy.buffer.classes, n, seed=MEASUREMENT_SEED,
+                                                      desc="measurement samples")
     if mmd is not None:
         mmd.use_samples(x, y, strategy.clock.train_exp_counter)
     return x, y

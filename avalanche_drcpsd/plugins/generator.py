@@ -265,6 +265,24 @@ class CPSDGeneratorPlugin(StatefulPlugin):
         gen.train(was_training)
         return torch.cat(xs), torch.cat(ys)
 
+    def replayed_samples(self, classes: Sequence[int], n_per_class: int, *, seed: Optional[int] = None,
+                         desc: str = "sampling") -> Tuple[Tensor, Tensor]:
+        """``n_per_class`` images in [0, 1] of each class as dream replay sees it: a class's kept set (its first
+        ``n_per_class`` images, 8-bit as kept) when ``replay_draw="once"`` has kept one of at least that many, and
+        :meth:`sample`'s draw from the generator as it now is for the others (``"redraw"``, and classes not kept
+        yet, such as the experience just learned). With ``"once"`` an old class is replayed from its kept set,
+        whatever the generator has become since (without generative distillation it forgets the class), so
+        measuring the generator's fresh samples of it would measure images nothing replays."""
+        classes = [int(k) for k in classes]
+        kept = {k for k in classes if len(self.kept.get(k, ())) >= n_per_class}
+        fresh = [k for k in classes if k not in kept]
+        drawn = self.sample(fresh, n_per_class, seed=seed, desc=desc) if fresh else None
+        xs, ys = [], []
+        for k in classes:
+            xs.append(self.kept[k][:n_per_class].float() / 255 if k in kept else drawn[0][drawn[1] == k])
+            ys.append(torch.full((n_per_class,), k, dtype=torch.long))
+        return torch.cat(xs), torch.cat(ys)
+
     def _default_seed(self) -> int:
         return self.config.seed * 1_000_003 + 7919 * self._exp
 
