@@ -102,9 +102,10 @@ def test_runner_writes_logs_state_and_summary(tmp_path, monkeypatch):
     exp = ExperimentConfig(benchmark="default", benchmark_args={"n_experiences": 2}, train_epochs=1,
                            drcpsd=tiny_config(gap_samples_per_class=4))
     summary = run_experiment(exp, str(tmp_path), verbose=False)
-    # the MMD gap and the sample grid share one draw per experience: 8 images of each learned class (the grid's)
+    # the MMD gap and the sample grid share one draw per experience: 8 images of each learned class (the grid's);
+    # after experience 1 the old classes 0-4 are read from their kept sets (replay_draw="once"), only 5-9 are drawn
     measurement = [c for c in calls if not (c[0] or "").startswith("exp ")]  # the generation phase's are "exp <k> ..."
-    assert measurement == [("measurement samples", list(range(5)), 8), ("measurement samples", list(range(10)), 8)]
+    assert measurement == [("measurement samples", list(range(5)), 8), ("measurement samples", list(range(5, 10)), 8)]
     assert 0.0 <= summary["final_average_accuracy"] <= 1.0
     assert set(summary["phase_time_s"]) == {"classifier", "generation", "generator", "cpsd", "replay"}
     logs = tmp_path / "logs"
