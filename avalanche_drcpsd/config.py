@@ -96,8 +96,8 @@ REFERENCE: Dict[str, Any] = {
     "sampler": "dpm", "sampling_steps": 20, "guidance_scale": (5.0, 9.0), "guidance_draw": "batch",
     "replay_draw": "once", "replay_classes": "seen", "replay_filter": "none", "n_replay_per_class": 6000,
     "replay_augment": "reference", "replay_epochs": 1, "replay_epoch_length": "shorter", "replay_min_steps": 0,
-    "replay_batch_real": 16, "replay_batch_syn": 16, "replay_lr": None, "replay_optimizer": "continue",
-    "replay_lr_schedule": "constant",
+    "replay_batch_real": 16, "replay_batch_syn": 16, "rehearsal_batch_syn": 0, "replay_lr": None,
+    "replay_optimizer": "continue", "replay_lr_schedule": "constant",
     "replay_grad_clip": None, "kappa": 0.05, "kappa_schedule": "constant", "pi": 0.5, "distill_old_weight": 0.5,
     "distill_targets": "both", "replay_kd_weight": 0.0, "student_init": "average", "student_bn": "new",
     "replay_step_ema": None, "logit_mask": "seen", "teacher_mode": "student",
@@ -292,6 +292,11 @@ class DRCPSDConfig:
     replay_min_steps: int = 0
     replay_batch_real: int = 16
     replay_batch_syn: int = 16
+    #: *package*: this many images of the old classes' replay sets (the kept sets with ``replay_draw="once"``)
+    #: appended to every minibatch of the classifier phase, as Avalanche's ``GenerativeReplayPlugin`` appends its
+    #: generator's images, before dream replay runs as usual. 0 (DR-CPSD, the reference: "the classifier first
+    #: trains on the current task's real data alone"): no synthetic image reaches the classifier phase.
+    rehearsal_batch_syn: int = 0
     #: None: the classifier's own learning rate (a fresh optimiser of the same class and settings).
     replay_lr: Optional[float] = None
     #: the replay optimiser's learning rate over the phase: ``constant`` (the reference: its annealing phase steps
@@ -559,6 +564,7 @@ class ReplayConfig:
     min_steps: int = _flat_default("replay_min_steps")
     batch_real: int = _flat_default("replay_batch_real")
     batch_syn: int = _flat_default("replay_batch_syn")
+    rehearsal_batch: int = _flat_default("rehearsal_batch_syn")
     kappa: float = _flat_default("kappa")
     kappa_schedule: str = _flat_default("kappa_schedule")
     pi: float = _flat_default("pi")
@@ -581,7 +587,8 @@ class ReplayConfig:
     #: field here -> field of :class:`DRCPSDConfig`
     FLAT = {"n_replay_per_class": "n_replay_per_class", "replay_classes": "replay_classes",
             "replay_filter": "replay_filter", "replay_epochs": "replay_epochs", "min_steps": "replay_min_steps",
-            "batch_real": "replay_batch_real", "batch_syn": "replay_batch_syn", "kappa": "kappa",
+            "batch_real": "replay_batch_real", "batch_syn": "replay_batch_syn",
+            "rehearsal_batch": "rehearsal_batch_syn", "kappa": "kappa",
             "kappa_schedule": "kappa_schedule", "pi": "pi", "distill_old_weight": "distill_old_weight",
             "student_init": "student_init", "ema_alpha": "ema_alpha", "student_bn": "student_bn",
             "step_ema": "replay_step_ema", "epoch_length": "replay_epoch_length", "augment": "replay_augment",
@@ -612,7 +619,7 @@ class ReplayConfig:
                 _check_choice(name(field), getattr(self, field), CHOICES[flat_name])
         for field in ("n_replay_per_class", "replay_epochs", "batch_real", "batch_syn"):
             _int_at_least(name(field), getattr(self, field), 1)
-        for field in ("min_steps", "seed"):
+        for field in ("min_steps", "rehearsal_batch", "seed"):
             _int_at_least(name(field), getattr(self, field), 0)
         if self.seed >= 2 ** 32:
             raise ConfigError(f"{name('seed')}={self.seed!r} must be < 2**32 (what numpy and torch accept as a seed)")

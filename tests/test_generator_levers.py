@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import sgd_step_rates, tiny_config
 
-from avalanche_drcpsd import CPSDGeneratorPlugin, DRCPSDConfig
+from avalanche_drcpsd import CPSDGeneratorPlugin, DRCPSDConfig, MMDPlugin
 from avalanche_drcpsd.config import ConfigError
 from avalanche_drcpsd.experiments.fidelity import classification_accuracy_score
 from avalanche_drcpsd.utils import dataset_tensors
@@ -224,6 +224,9 @@ def test_replayed_samples_are_the_kept_sets_of_old_classes(mnist_small, one_thre
     # more images than a kept set holds: the class is drawn from the generator instead
     x8, y8 = plugin.replayed_samples([0], 8, seed=5)
     assert torch.equal(x8, plugin.sample([0], 8, seed=5)[0]) and not torch.equal(x8[:6], plugin.kept[0].float() / 255)
+    # the MMD gap plugin, standalone on this generator, measures a kept class on its kept images
+    mmd = MMDPlugin(plugin, samples_per_class=4)
+    assert torch.equal(mmd._synthetic_for(0, trained=2), plugin.kept[0][:4].float() / 255)
 
 
 def test_replay_draw_redraw_draws_old_classes_again(mnist_small, one_thread):

@@ -14,6 +14,7 @@ from torch import nn
 
 from avalanche_drcpsd import CPSDGeneratorPlugin, DistillPlugin, DreamReplayPlugin, MMDPlugin
 from avalanche_drcpsd.input_space import InputSpace
+from avalanche_drcpsd.plugins.dream_replay import rehearsal_batches
 from avalanche_drcpsd.utils import dataset_tensors
 
 MARK = 0.123  # every pixel of a fake synthetic image
@@ -236,7 +237,7 @@ def test_mmd_plugin_publishes_per_class_gap(mnist_small):
         learned_classes = [0, 1]
         input_space = InputSpace.unit(1)  # the real images are pixels already
 
-        def sample(self, classes, n_per_class, seed=0):
+        def replayed_samples(self, classes, n_per_class, seed=0):
             (c,) = classes
             if c == 0:  # class 0: the real images themselves -> gap ~ 0
                 x = x_test[y_test == 0][:n_per_class]
@@ -265,7 +266,7 @@ def test_mmd_plugin_measures_samples_it_is_given(mnist_small):
         learned_classes = [0, 1]
         input_space = InputSpace.unit(1)
 
-        def sample(self, classes, n_per_class, seed=0):
+        def replayed_samples(self, classes, n_per_class, seed=0):
             asked.extend(classes)
             return torch.rand(n_per_class, 1, 28, 28), torch.full((n_per_class,), classes[0])
 
@@ -444,3 +445,50 @@ def test_each_plugin_owns_its_run_state(mnist_small):
         fresh.load_state_dict({**{k: v for k, v in state.items() if k != "stats"}, "extra": 1})
     for plugin in (CPSDGeneratorPlugin(tiny_config(), verbose=False), DistillPlugin(), MMDPlugin(FakeSource([]))):
         assert set(plugin.state_dict()) == set(type(plugin).state_attributes)
+
+
+class MinibatchProbe(SupervisedPlugin):
+    """Logs, per training iteration, the experience, the batch size and the synthetic images' labels."""
+
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+
+    def before_forward(self, strategy, **kwargs):
+        is_syn = (strategy.mb_x == MARK).flatten(1).all(1)
+        assert len(strategy.mb_y) == len(strategy.mb_x) == len(strategy.mbatch[-1])
+        self.log.append((strategy.experience.current_experience, len(strategy.mb_x),
+                         sorted(set(strategy.mb_y[is_syn].tolist())), int(is_syn.sum())))
+
+
+def test_rehearsal_appends_old_class_images_to_each_classifier_minibatch(mnist_small):
+    log = []
+    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8, rehearsal_batch=5,
+                               verbose=False)
+    probe = MinibatchProbe(log)
+    strategy = _naive(MLP(), [replay, probe])  # the probe after the plugin: it sees the joined minibatch
+    strategy.train(mnist_small.train_stream[0])
+    assert log and all(n_syn == 0 for exp, _, _, n_syn in log), "experience 0 has no old class to rehearse"
+    log.clear()
+    strategy.train(mnist_small.train_stream[1])
+    assert log and all(exp == 1 and n_syn == 5 and set(labels) <= {0, 1} for exp, _, labels, n_syn in log)
+    assert set().union(*(labels for _, _, labels, _ in log)) == {0, 1}
+    assert replay.replayed_batches > 0, "dream replay still follows the classifier phase"
+    assert replay._rehearsal is None, "the rehearsal stream ends with the experience"
+
+
+def test_rehearsal_batches_show_each_image_once_per_pass_and_follow_their_seed():
+    x = torch.arange(10).float().view(10, 1)
+    y = torch.arange(10)
+
+    def labels(seed):
+        stream = rehearsal_batches(x, y, 4, seed=seed)
+        batches = [next(stream) for _ in range(5)]
+        assert all(len(b[1]) == 4 and torch.equal(b[0].view(-1).long(), b[1]) for b in batches)
+        return torch.cat([b[1] for b in batches])
+
+    seen = labels(3)
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:20].tolist()) == list(range(10))
+    assert torch.equal(seen, labels(3)) and not torch.equal(seen, labels(4))
+    with pytest.raises(ValueError, match="empty"):
+        next(rehearsal_batches(x[:0], y[:0], 4, seed=0))

@@ -20,7 +20,10 @@ teacher*), the plugin
 (:func:`~avalanche_drcpsd.losses.logit_distillation_loss`).
 
 Because replay starts only after the real training ends, no synthetic image ever reaches the classifier while
-it learns the current task: the real/synthetic confusion of joint generative replay is avoided.
+it learns the current task: the real/synthetic confusion of joint generative replay is avoided. A package option,
+``rehearsal_batch`` (off by default), lifts that: the old classes' replay set is also rehearsed during the
+classifier phase, ``rehearsal_batch`` of its images appended to every real minibatch (Avalanche's
+``GenerativeReplayPlugin`` layout), and dream replay follows as usual.
 
 The source is any object with ``sample_replay(classes, n_per_class) -> (x, y)`` returning images in the
 classifier's input format: :class:`CPSDGeneratorPlugin`, or another generator.
@@ -36,7 +39,7 @@ import copy
 import dataclasses
 import math
 import warnings
-from typing import Any, Callable, Optional, Protocol, Sequence, Set, Tuple
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Set, Tuple
 
 import torch
 from avalanche.evaluation.metric_results import MetricValue
@@ -52,7 +55,7 @@ from ..utils import PhaseTimer, experience_classes, interpolate_state_dicts, lr_
 from .base import StatefulPlugin
 from .distill import DistillPlugin
 
-__all__ = ["SyntheticSource", "DreamReplayPlugin", "replay_epochs_for", "FEW_REPLAY_STEPS"]
+__all__ = ["SyntheticSource", "DreamReplayPlugin", "replay_epochs_for", "rehearsal_batches", "FEW_REPLAY_STEPS"]
 
 #: fewer optimiser steps than this in one replay phase draw a warning: on the main job's small experiences,
 #: 13 steps left the averaged student unfitted (replay CE 4.6-5.0) and the newest classes erased.
@@ -67,6 +70,20 @@ def replay_epochs_for(steps_per_epoch: int, epochs: int, min_steps: int = 0) -> 
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch={steps_per_epoch!r} must be >= 1")
     return max(epochs, math.ceil(min_steps / steps_per_epoch))
+
+
+def rehearsal_batches(x: Tensor, y: Tensor, batch: int, *, seed: int) -> Iterator[Tuple[Tensor, Tensor]]:
+    """Endless ``batch``-sized batches of ``(x, y)``: shuffled passes (a ``torch.Generator`` seeded with ``seed``,
+    the global random state untouched), each image once per pass, a pass continuing into the next."""
+    if len(y) == 0:
+        raise ValueError("rehearsal_batches: the replay set is empty")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    while True:
+        while len(order) < batch:
+            order = torch.cat([order, torch.randperm(len(y), generator=g)])
+        take, order = order[:batch], order[batch:]
+        yield x[take], y[take]
 
 
 class SyntheticSource(Protocol):
@@ -122,6 +139,9 @@ class DreamReplayPlugin(StatefulPlugin):
             updates batch statistics).
         :param optimizer: ``fresh``: a new optimiser of the strategy optimiser's class and settings;
             ``continue``: the strategy's optimiser itself, with its state (the original code).
+        :param rehearsal_batch: *package*: this many images of the old classes' replay set (the kept sets with
+            ``replay_draw="once"``) appended to every minibatch of the classifier phase (after ``augment`` and
+            ``syn_transform``); 0 (the reference): the classifier phase sees real images alone.
         :param replay_lr: learning rate of the fresh replay optimiser (same class and settings as the
             strategy's); None keeps the strategy optimiser's own.
         :param lr_schedule: ``constant`` (the reference) or ``cosine``: the replay optimiser's rate annealed to 0
@@ -157,6 +177,7 @@ class DreamReplayPlugin(StatefulPlugin):
         self.verbose = verbose
         self.seen_classes: Set[int] = set()
         self.replayed_batches = 0  # synthetic batches seen by the classifier (for tests and reports)
+        self._rehearsal: Optional[Iterator[Tuple[Tensor, Tensor]]] = None  # the classifier phase's, when on
 
     @classmethod
     def from_config(cls, source: SyntheticSource, config, **kwargs) -> "DreamReplayPlugin":
@@ -167,8 +188,32 @@ class DreamReplayPlugin(StatefulPlugin):
     def before_training_exp(self, strategy, **kwargs):
         check_single_task(strategy.model, strategy.experience)
         self.distill.snapshot_old_teacher(strategy)
+        self._rehearsal = None
+        if self.config.rehearsal_batch > 0 and self.seen_classes:
+            classes = set(self.seen_classes)
+            if self.config.replay_classes == "seen":
+                classes.update(experience_classes(strategy.experience))
+            x_syn, y_syn = self.source.sample_replay(sorted(classes), self.config.n_replay_per_class)
+            exp = strategy.experience.current_experience
+            self._rehearsal = rehearsal_batches(x_syn, y_syn, self.config.rehearsal_batch,
+                                                seed=self.config.seed * 1_000_003 + exp)
+
+    def before_training_iteration(self, strategy, **kwargs):
+        """With ``rehearsal_batch``: the next batch of old-class synthetic images appended to the minibatch."""
+        if self._rehearsal is None:
+            return
+        xs, ys = next(self._rehearsal)
+        xs = xs.to(strategy.device)
+        transform = self.synthetic_transform()
+        if transform is not None:
+            xs = transform(xs)
+        mb = strategy.mbatch
+        mb[0] = torch.cat([mb[0], xs.to(mb[0].dtype)])
+        mb[1] = torch.cat([mb[1], ys.to(mb[1].device, mb[1].dtype)])
+        mb[-1] = torch.cat([mb[-1], mb[-1][:1].expand(len(ys))])
 
     def after_training_exp(self, strategy, **kwargs):
+        self._rehearsal = None
         old_classes = sorted(self.seen_classes)
         self.seen_classes.update(experience_classes(strategy.experience))
         if not old_classes or self.distill.old_teacher is None:

@@ -1,9 +1,10 @@
 r"""The real-vs-synthetic distribution gap per class, reported as an Avalanche metric.
 
 After every evaluated experience, for each of its classes that the generator has learned, the plugin compares
-``samples_per_class`` real evaluation images with as many synthetic images of the class (sampled once per
-training experience, with a fixed seed) by the squared kernel MMD of :func:`avalanche_drcpsd.losses.mmd_gaussian`
-on pixels:
+``samples_per_class`` real evaluation images with as many synthetic images of the class as dream replay sees
+them (the source's ``replayed_samples``, once per training experience, with a fixed seed: with
+``replay_draw="once"`` an old class's kept set, not what the generator has since become) by the squared kernel
+MMD of :func:`avalanche_drcpsd.losses.mmd_gaussian` on pixels:
 
 .. math:: \mathrm{MMD}^2(P_c^{real}, P_c^{syn}) = \mathbb{E}k(x,x') + \mathbb{E}k(y,y') - 2\mathbb{E}k(x,y)
 
@@ -35,7 +36,8 @@ class MMDPlugin(StatefulPlugin):
 
     def __init__(self, source, *, samples_per_class: int = 64, seed: int = 0):
         """
-        :param source: an object with ``sample(classes, n_per_class, seed=...) -> (x, y)`` (pixels in [0, 1]),
+        :param source: an object with ``replayed_samples(classes, n_per_class, seed=...) -> (x, y)`` (pixels in
+            [0, 1]: the images replay trains on),
             ``learned_classes`` and ``input_space`` (:class:`~avalanche_drcpsd.input_space.InputSpace`, which maps
             the real images to pixels: the gap is measured in pixels), e.g. :class:`CPSDGeneratorPlugin`.
         """
@@ -66,7 +68,7 @@ class MMDPlugin(StatefulPlugin):
         if self._synthetic_of != trained:
             self._synthetic, self._synthetic_of = {}, trained
         if cls not in self._synthetic:
-            x, _ = self.source.sample([cls], self.samples_per_class, seed=self.seed + 104729 * trained)
+            x, _ = self.source.replayed_samples([cls], self.samples_per_class, seed=self.seed + 104729 * trained)
             self._synthetic[cls] = x
         return self._synthetic[cls]
 
