@@ -14,7 +14,7 @@ from torch import nn
 
 from avalanche_drcpsd import CPSDGeneratorPlugin, DistillPlugin, DreamReplayPlugin, MMDPlugin
 from avalanche_drcpsd.input_space import InputSpace
-from avalanche_drcpsd.plugins.dream_replay import rehearsal_batches
+from avalanche_drcpsd.plugins.dream_replay import align_head_norms, rehearsal_batches
 from avalanche_drcpsd.utils import dataset_tensors
 
 MARK = 0.123  # every pixel of a fake synthetic image
@@ -492,3 +492,35 @@ def test_rehearsal_batches_show_each_image_once_per_pass_and_follow_their_seed()
     assert torch.equal(seen, labels(3)) and not torch.equal(seen, labels(4))
     with pytest.raises(ValueError, match="empty"):
         next(rehearsal_batches(x[:0], y[:0], 4, seed=0))
+
+
+def test_weight_aligning_scales_the_new_classes_logits_to_the_old_norms():
+    torch.manual_seed(0)
+    head = nn.Linear(6, 5)
+    with torch.no_grad():
+        head.weight[2:4] *= 3.0  # the new classes' rows: three times longer
+    h = torch.randn(7, 6)
+    before = head(h)
+    gamma = align_head_norms(head, [0, 1], [2, 3])
+    norms = head.weight.detach().norm(dim=1)
+    assert float(norms[2:4].mean()) == pytest.approx(float(norms[:2].mean()), rel=1e-5)
+    assert gamma < 1.0
+    after = head(h)
+    assert torch.allclose(after[:, 2:4], gamma * before[:, 2:4], atol=1e-6)
+    assert torch.equal(after[:, [0, 1, 4]], before[:, [0, 1, 4]]), "old and unseen classes untouched"
+    assert align_head_norms(head, [], [2, 3]) == 1.0
+    with pytest.raises(ValueError, match="nn.Linear head, got Conv2d"):
+        align_head_norms(nn.Conv2d(1, 1, 1), [0], [1])
+
+
+def test_replay_head_align_runs_after_each_replay_phase(mnist_small):
+    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8,
+                               head_align="weight_norm", verbose=False)
+    model = MLP()
+    strategy = _naive(model, [replay])
+    strategy.train(mnist_small.train_stream[0])
+    strategy.train(mnist_small.train_stream[1])
+    norms = model.head.weight.detach().norm(dim=1)
+    assert float(norms[2:4].mean()) == pytest.approx(float(norms[:2].mean()), rel=1e-5)
+    assert replay.stats[1]["head_gamma"] > 0
+    assert "head_gamma" not in DreamReplayPlugin(FakeSource([]), verbose=False).stats

@@ -48,14 +48,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..augment import REPLAY_AUGMENTS
 from ..config import ReplayConfig, build_from_fields
-from ..features import check_single_task, classify, forward_with_features
+from ..features import check_single_task, classify, find_head, forward_with_features
 from ..losses import balanced_kappa, isolation_loss, logit_distillation_loss
 from ..replay_training import train_student
 from ..utils import PhaseTimer, experience_classes, interpolate_state_dicts, lr_schedule
 from .base import StatefulPlugin
 from .distill import DistillPlugin
 
-__all__ = ["SyntheticSource", "DreamReplayPlugin", "replay_epochs_for", "rehearsal_batches", "FEW_REPLAY_STEPS"]
+__all__ = ["SyntheticSource", "DreamReplayPlugin", "replay_epochs_for", "rehearsal_batches", "align_head_norms",
+           "FEW_REPLAY_STEPS"]
 
 #: fewer optimiser steps than this in one replay phase draw a warning: on the main job's small experiences,
 #: 13 steps left the averaged student unfitted (replay CE 4.6-5.0) and the newest classes erased.
@@ -70,6 +71,29 @@ def replay_epochs_for(steps_per_epoch: int, epochs: int, min_steps: int = 0) -> 
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch={steps_per_epoch!r} must be >= 1")
     return max(epochs, math.ceil(min_steps / steps_per_epoch))
+
+
+@torch.no_grad()
+def align_head_norms(head: torch.nn.Linear, old_classes: Sequence[int], new_classes: Sequence[int]) -> float:
+    r"""Weight aligning (Zhao et al., CVPR 2020): the head's rows of ``new_classes`` (weights and bias) scaled by
+
+    .. math:: \gamma = \frac{\operatorname{mean}_{c \in old} \lVert w_c \rVert}{\operatorname{mean}_{c \in new}
+              \lVert w_c \rVert}
+
+    so that the new classes' logits are :math:`\gamma` times what they were; returns :math:`\gamma` (1.0, and no
+    change, when either set is empty)."""
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"head alignment needs an nn.Linear head, got {type(head).__name__}")
+    if not old_classes or not new_classes:
+        return 1.0
+    old = torch.as_tensor(list(old_classes), device=head.weight.device)
+    new = torch.as_tensor(list(new_classes), device=head.weight.device)
+    norms = head.weight.norm(dim=1)
+    gamma = float(norms[old].mean() / norms[new].mean())
+    head.weight[new] *= gamma
+    if head.bias is not None:
+        head.bias[new] *= gamma
+    return gamma
 
 
 def rehearsal_batches(x: Tensor, y: Tensor, batch: int, *, seed: int) -> Iterator[Tuple[Tensor, Tensor]]:
@@ -142,6 +166,8 @@ class DreamReplayPlugin(StatefulPlugin):
         :param rehearsal_batch: *package*: this many images of the old classes' replay set (the kept sets with
             ``replay_draw="once"``) appended to every minibatch of the classifier phase (after ``augment`` and
             ``syn_transform``); 0 (the reference): the classifier phase sees real images alone.
+        :param head_align: *package*: ``weight_norm`` rescales the new classes' head rows after each replay phase
+            (:func:`align_head_norms`; the factor is ``stats[experience]["head_gamma"]``); ``none``: off.
         :param replay_lr: learning rate of the fresh replay optimiser (same class and settings as the
             strategy's); None keeps the strategy optimiser's own.
         :param lr_schedule: ``constant`` (the reference) or ``cosine``: the replay optimiser's rate annealed to 0
@@ -222,6 +248,10 @@ class DreamReplayPlugin(StatefulPlugin):
         x_syn, y_syn = self.source.sample_replay(drawn, self.config.n_replay_per_class)
         with self.timer("replay", strategy.experience.current_experience):
             self.replay(strategy, x_syn, y_syn, old_classes)
+        if self.config.head_align == "weight_norm":
+            new_classes = sorted(set(experience_classes(strategy.experience)) - set(old_classes))
+            gamma = align_head_norms(find_head(strategy.model, self.distill.feature_layer), old_classes, new_classes)
+            self.stats[strategy.experience.current_experience]["head_gamma"] = gamma
 
     # --- the replay phase ------------------------------------------------------------------------------
     def replay(self, strategy, x_syn: Tensor, y_syn: Tensor, old_classes: Optional[Sequence[int]] = None) -> None:
