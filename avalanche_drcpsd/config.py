@@ -40,6 +40,7 @@ CHOICES = {
     "cpsd_augment": ("none", "reference"),
     "replay_augment": ("none", "reference", "shift", "shift_flip"),
     "replay_head_align": ("none", "weight_norm"),
+    "rehearsal_target": ("label", "teacher"),
     "replay_epoch_length": ("longer", "shorter"),
     "student_bn": ("average", "new"),
     "logit_mask": ("none", "seen"),
@@ -298,6 +299,10 @@ class DRCPSDConfig:
     #: generator's images, before dream replay runs as usual. 0 (DR-CPSD, the reference: "the classifier first
     #: trains on the current task's real data alone"): no synthetic image reaches the classifier phase.
     rehearsal_batch_syn: int = 0
+    #: what the rehearsed images are trained towards: ``label`` (CE on their class, appended to the minibatch) or
+    #: ``teacher`` (the old teacher's old-class logits, distilled at ``replay_kd_temperature`` in a forward pass of
+    #: their own: generative replay with distillation, van de Ven et al. 2020's "DGR+distill").
+    rehearsal_target: str = "label"
     #: *package*: after each replay phase, ``weight_norm`` scales the head's rows (weights and bias) of the
     #: experience's new classes by the mean weight norm of the old classes' rows over theirs (weight aligning,
     #: Zhao et al., CVPR 2020), against the bias of the last-trained classes; ``none`` (the reference): no step.
@@ -570,6 +575,7 @@ class ReplayConfig:
     batch_real: int = _flat_default("replay_batch_real")
     batch_syn: int = _flat_default("replay_batch_syn")
     rehearsal_batch: int = _flat_default("rehearsal_batch_syn")
+    rehearsal_target: str = _flat_default("rehearsal_target")
     head_align: str = _flat_default("replay_head_align")
     kappa: float = _flat_default("kappa")
     kappa_schedule: str = _flat_default("kappa_schedule")
@@ -594,7 +600,8 @@ class ReplayConfig:
     FLAT = {"n_replay_per_class": "n_replay_per_class", "replay_classes": "replay_classes",
             "replay_filter": "replay_filter", "replay_epochs": "replay_epochs", "min_steps": "replay_min_steps",
             "batch_real": "replay_batch_real", "batch_syn": "replay_batch_syn",
-            "rehearsal_batch": "rehearsal_batch_syn", "head_align": "replay_head_align", "kappa": "kappa",
+            "rehearsal_batch": "rehearsal_batch_syn", "rehearsal_target": "rehearsal_target",
+            "head_align": "replay_head_align", "kappa": "kappa",
             "kappa_schedule": "kappa_schedule", "pi": "pi", "distill_old_weight": "distill_old_weight",
             "student_init": "student_init", "ema_alpha": "ema_alpha", "student_bn": "student_bn",
             "step_ema": "replay_step_ema", "epoch_length": "replay_epoch_length", "augment": "replay_augment",

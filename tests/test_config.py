@@ -82,6 +82,7 @@ INVALID = [
     (dict(rehearsal_batch_syn=-1), ["rehearsal_batch_syn", "-1"]),
     (dict(rehearsal_batch_syn=2.5), ["rehearsal_batch_syn", "2.5"]),
     (dict(replay_head_align="bic"), ["replay_head_align", "'bic'"]),
+    (dict(rehearsal_target="soft"), ["rehearsal_target", "'soft'"]),
     (dict(cpsd_batch_size=2.0), ["cpsd_batch_size", "2.0"]),
     (dict(sampling_steps="20"), ["sampling_steps", "'20'"]),
     (dict(sampling_steps=0), ["sampling_steps", "0"]),

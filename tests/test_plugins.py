@@ -524,3 +524,31 @@ def test_replay_head_align_runs_after_each_replay_phase(mnist_small):
     assert float(norms[2:4].mean()) == pytest.approx(float(norms[:2].mean()), rel=1e-5)
     assert replay.stats[1]["head_gamma"] > 0
     assert "head_gamma" not in DreamReplayPlugin(FakeSource([]), verbose=False).stats
+
+
+class LossProbe(SupervisedPlugin):
+    """Registered after the replay plugin: the loss beyond the minibatch's own CE, at every iteration."""
+
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+
+    def before_backward(self, strategy, **kwargs):
+        assert not (strategy.mb_x == MARK).flatten(1).all(1).any(), "a rehearsed image joined the minibatch"
+        ce = nn.functional.cross_entropy(strategy.mb_output, strategy.mb_y)
+        self.log.append((strategy.experience.current_experience, float(strategy.loss - ce)))
+
+
+def test_rehearsal_towards_the_teacher_distils_it_outside_the_minibatch(mnist_small):
+    log = []
+    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8, rehearsal_batch=5,
+                               rehearsal_target="teacher", verbose=False)
+    strategy = _naive(MLP(), [replay, LossProbe(log)])
+    strategy.train(mnist_small.train_stream[0])
+    assert log and all(extra == pytest.approx(0.0, abs=1e-6) for _, extra in log), "nothing to rehearse at first"
+    log.clear()
+    strategy.train(mnist_small.train_stream[1])
+    extras = [extra for _, extra in log]
+    assert len(extras) > 1 and extras[0] == pytest.approx(0.0, abs=1e-6), "the model starts as the old teacher"
+    assert all(extra > 0 for extra in extras[1:]), "the old teacher's KD on the rehearsed images is added"
+    assert replay._pending is None

@@ -166,6 +166,9 @@ class DreamReplayPlugin(StatefulPlugin):
         :param rehearsal_batch: *package*: this many images of the old classes' replay set (the kept sets with
             ``replay_draw="once"``) appended to every minibatch of the classifier phase (after ``augment`` and
             ``syn_transform``); 0 (the reference): the classifier phase sees real images alone.
+        :param rehearsal_target: ``label``: the rehearsed images join the minibatch with their labels (its CE);
+            ``teacher``: they go through the model apart and are trained towards the old teacher's old-class
+            logits (:func:`~avalanche_drcpsd.losses.logit_distillation_loss` at ``kd_temperature``).
         :param head_align: *package*: ``weight_norm`` rescales the new classes' head rows after each replay phase
             (:func:`align_head_norms`; the factor is ``stats[experience]["head_gamma"]``); ``none``: off.
         :param replay_lr: learning rate of the fresh replay optimiser (same class and settings as the
@@ -204,6 +207,7 @@ class DreamReplayPlugin(StatefulPlugin):
         self.seen_classes: Set[int] = set()
         self.replayed_batches = 0  # synthetic batches seen by the classifier (for tests and reports)
         self._rehearsal: Optional[Iterator[Tuple[Tensor, Tensor]]] = None  # the classifier phase's, when on
+        self._pending: Optional[Tensor] = None  # this iteration's rehearsed images, with rehearsal_target="teacher"
 
     @classmethod
     def from_config(cls, source: SyntheticSource, config, **kwargs) -> "DreamReplayPlugin":
@@ -216,10 +220,7 @@ class DreamReplayPlugin(StatefulPlugin):
         self.distill.snapshot_old_teacher(strategy)
         self._rehearsal = None
         if self.config.rehearsal_batch > 0 and self.seen_classes:
-            classes = set(self.seen_classes)
-            if self.config.replay_classes == "seen":
-                classes.update(experience_classes(strategy.experience))
-            x_syn, y_syn = self.source.sample_replay(sorted(classes), self.config.n_replay_per_class)
+            x_syn, y_syn = self.source.sample_replay(sorted(self.seen_classes), self.config.n_replay_per_class)
             exp = strategy.experience.current_experience
             self._rehearsal = rehearsal_batches(x_syn, y_syn, self.config.rehearsal_batch,
                                                 seed=self.config.seed * 1_000_003 + exp)
@@ -233,13 +234,27 @@ class DreamReplayPlugin(StatefulPlugin):
         transform = self.synthetic_transform()
         if transform is not None:
             xs = transform(xs)
+        if self.config.rehearsal_target == "teacher":
+            self._pending = xs  # distilled in before_backward, outside the minibatch's CE
+            return
         mb = strategy.mbatch
         mb[0] = torch.cat([mb[0], xs.to(mb[0].dtype)])
         mb[1] = torch.cat([mb[1], ys.to(mb[1].device, mb[1].dtype)])
         mb[-1] = torch.cat([mb[-1], mb[-1][:1].expand(len(ys))])
 
+    def before_backward(self, strategy, **kwargs):
+        """With ``rehearsal_target="teacher"``: the old teacher's old-class logits distilled on the rehearsed
+        images of this iteration."""
+        if self._pending is None:
+            return
+        xs, self._pending = self._pending, None
+        with torch.no_grad():
+            z_old = classify(self.distill.old_teacher, xs)
+        strategy.loss += logit_distillation_loss(classify(strategy.model, xs), z_old, sorted(self.seen_classes),
+                                                 self.config.kd_temperature)
+
     def after_training_exp(self, strategy, **kwargs):
-        self._rehearsal = None
+        self._rehearsal = self._pending = None
         old_classes = sorted(self.seen_classes)
         self.seen_classes.update(experience_classes(strategy.experience))
         if not old_classes or self.distill.old_teacher is None:
