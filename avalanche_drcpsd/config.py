@@ -56,6 +56,7 @@ CHOICES = {
     "generator_lr_schedule": LR_SCHEDULES,
     "generator_replay_weighting": ("fraction", "balanced", "task"),
     "generator_distill_source": ("pool", "fresh"),
+    "generator_replay_loss": ("distill", "ldm"),
     "replay_draw": ("redraw", "once"),
     "replay_classes": ("old", "seen"),
     "replay_filter": ("none", "teacher"),
@@ -210,6 +211,12 @@ class DRCPSDConfig:
     #: batch at every step with ``generator_teacher_steps`` DDIM steps, eta 0, no guidance).
     generator_distill_source: str = "pool"
     generator_teacher_steps: int = 2
+    #: *package*: how the generator learns the old classes' replay inputs (the replay term, weighted
+    #: ``generator_distill_weight``): ``distill`` regresses its noise predictions onto the frozen teacher's
+    #: (generative distillation, Masip et al. 2023); ``ldm`` trains on them as on real images, the denoising loss
+    #: towards the noise that was added (deep generative replay, Shin et al. 2017): with ``pool`` inputs no
+    #: teacher is built.
+    generator_replay_loss: str = "distill"
     #: *package*: clip the generator's gradient norm at this value (None: no clipping).
     generator_grad_clip: Optional[float] = None
     #: *package*: learning-rate schedule of each generator phase: ``constant``, or ``cosine`` decay to 0 after

@@ -2,8 +2,9 @@ r"""The generator phase's training loop as a function, beside :func:`~avalanche_
 
 :func:`train_generator` trains a :class:`~avalanche_drcpsd.generator.Generator` on the new classes' real images
 (:math:`\mathcal{L}_{LDM}` with min-SNR weights and condition dropout) and, given a :class:`DistillationSource`,
-distils a frozen teacher's noise predictions on old-class inputs (generative distillation, Masip et al. 2023):
-images of a replay pool, or fresh few-step teacher samples. The
+learns old-class inputs (images of a replay pool, or fresh few-step teacher samples): it distils a frozen
+teacher's noise predictions on them (generative distillation, Masip et al. 2023) or denoises them as it does real
+images (deep generative replay, Shin et al. 2017). The
 :class:`~avalanche_drcpsd.plugins.generator.CPSDGeneratorPlugin` decides what to train on and with which teacher;
 this module only runs the steps. The optimiser (AdamW), the learning-rate schedule (diffusers' ``get_scheduler``)
 and the weight EMA (diffusers' ``EMAModel``) follow the config's ``generator_*`` fields.
@@ -28,18 +29,26 @@ __all__ = ["DistillationSource", "train_generator", "drop_conditions", "lr_sched
 
 @dataclass
 class DistillationSource:
-    """What generative distillation regresses onto: a frozen ``teacher`` and the old ``classes`` with their
-    ``embeddings`` ``(n_old, L, D)`` (in the order of ``classes``). With ``images``/``labels`` (pixels in [0, 1] of
-    the old classes: the replay pool) the distilled inputs are those images, encoded; without them, every step
-    the teacher draws a fresh batch with ``teacher_steps`` DDIM steps (eta 0, no guidance), uniformly over
-    ``classes``."""
+    """How the generator phase learns the old classes: their ``classes`` with their ``embeddings``
+    ``(n_old, L, D)`` (in the order of ``classes``) and a frozen ``teacher``. With ``images``/``labels`` (pixels in
+    [0, 1] of the old classes: the replay pool) the replay inputs are those images, encoded; without them, every
+    step the teacher draws a fresh batch with ``teacher_steps`` DDIM steps (eta 0, no guidance), uniformly over
+    ``classes``. ``loss``: ``distill`` regresses the student's noise predictions onto the teacher's; ``ldm``
+    trains on the inputs as on real images (then a pool needs no ``teacher``)."""
 
-    teacher: Generator
+    teacher: Optional[Generator]
     classes: List[int]
     embeddings: Tensor
     images: Optional[Tensor] = None
     labels: Optional[Tensor] = None
     teacher_steps: int = 2
+    loss: str = "distill"
+
+    def __post_init__(self):
+        if self.loss not in ("distill", "ldm"):
+            raise ValueError(f"DistillationSource loss={self.loss!r}; expected 'distill' or 'ldm'")
+        if self.teacher is None and (self.fresh or self.loss == "distill"):
+            raise ValueError("DistillationSource needs a teacher for fresh inputs or loss='distill'")
 
     @property
     def fresh(self) -> bool:
@@ -113,10 +122,13 @@ def train_generator(gen: Generator, images: Tensor, labels: Tensor, cond_new: Di
                 cls = distill.labels[pick]
                 z0 = gen.encode(distill.images[pick].to(device))
             cond_o = drop_conditions(emb_old[lookup_old[cls].to(device)], null, c.cond_dropout, rng)
-            z_t, _, t = gen.noisy(z0, rng)
-            with torch.no_grad():
-                target = distill.teacher.predict_noise(z_t, t, cond_o)
-            loss_gd = generative_distillation_loss(gen.predict_noise(z_t, t, cond_o), target)
+            z_t, noise_o, t = gen.noisy(z0, rng)
+            if distill.loss == "ldm":
+                loss_gd = ldm_loss(gen.predict_noise(z_t, t, cond_o), noise_o, gen.snr(t), c.snr_gamma)
+            else:
+                with torch.no_grad():
+                    target = distill.teacher.predict_noise(z_t, t, cond_o)
+                loss_gd = generative_distillation_loss(gen.predict_noise(z_t, t, cond_o), target)
             loss = loss + loss_gd * w_old
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite generator loss ({loss.item()}) {on_error(step)}")

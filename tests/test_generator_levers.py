@@ -43,6 +43,7 @@ def _flat(module):
     ("generator_lr_schedule", "linear"), ("generator_ema_decay", 1.0), ("generator_ema_decay", -0.1),
     ("generator_grad_clip", 0.0), ("generator_teacher_steps", 0), ("generator_warmup_steps", -1),
     ("replay_classes", "all"), ("generator_first_steps", 1.5), ("generator_memory_format", "nhwc"),
+    ("generator_replay_loss", "mse"),
 ])
 def test_bad_lever_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
@@ -153,6 +154,43 @@ def test_fresh_distillation_matches_a_fixed_teacher(mnist_small, one_thread, mon
     plugin._exp = 10_000  # 1/(t+1) ~ 0: the new classes' term vanishes, the step is distillation
     plugin.train_generator(*_exp_tensors(mnist_small, 0), {0: plugin.buffer.embeddings[0]})
     assert gap() < 0.5 * before
+
+
+def test_ldm_replay_builds_no_teacher_and_denoises_the_kept_sets(mnist_small, monkeypatch, one_thread):
+    """generator_replay_loss="ldm" on kept sets: no frozen copy, each step's batch split between real and kept
+    images, and the old classes' kept images denoised better than by the same steps without replay."""
+    import dataclasses
+
+    import avalanche_drcpsd.plugins.generator as gp_module
+
+    plugin = _plugin(replay_draw="once", generator_replay_loss="ldm", generator_steps=30, generator_lr=2e-3,
+                     cond_dropout=0.0)
+    plugin.learn_classes(*_exp_tensors(mnist_small, 0))
+    plugin.begin_experience(1)
+    x_old, y_old = plugin.replay_set
+    without = copy.deepcopy(plugin)
+    without.config = dataclasses.replace(plugin.config, generator_distill_weight=0.0)
+
+    def no_teacher(module):
+        raise AssertionError("a teacher was built for LDM replay on a kept set")
+
+    monkeypatch.setattr(gp_module, "frozen_copy", no_teacher)
+    sizes = _batch_sizes(plugin, monkeypatch)
+    x, y = _exp_tensors(mnist_small, 1)
+    cond_new = {int(k): plugin.text_encoder.encode([plugin.prompt(int(k))])[0] for k in y.unique()}
+    plugin.train_generator(x, y, cond_new)
+    without.train_generator(x, y, cond_new)
+    assert sizes[:2] == [8, 8]  # the real half, then the kept half (fraction 0.5 of 16)
+
+    z0 = plugin.generator.encode(x_old[:16])
+    cond = plugin.buffer.stack(y_old[:16].tolist())
+
+    def denoising_loss(model):
+        z_t, noise, t = model.noisy(z0, torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            return float((model.predict_noise(z_t, t, cond) - noise).pow(2).mean())
+
+    assert denoising_loss(plugin.generator) < denoising_loss(without.generator)
 
 
 def test_ema_weights_are_the_ones_sampled_and_saved(mnist_small, monkeypatch, one_thread, tmp_path):

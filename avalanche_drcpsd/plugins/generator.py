@@ -486,7 +486,8 @@ class CPSDGeneratorPlugin(StatefulPlugin):
         :func:`~avalanche_drcpsd.generator_training.train_generator` on the new classes' real images (LDM loss)
         and, when there are old classes and ``generator_distill_weight > 0``, generative distillation against a
         frozen copy of the generator as it was: its noise predictions on old-class inputs (the replay set, or
-        fresh teacher samples with ``generator_distill_source="fresh"``) under the old classes' embeddings. The
+        fresh teacher samples with ``generator_distill_source="fresh"``) under the old classes' embeddings, or
+        with ``generator_replay_loss="ldm"`` the denoising loss on those inputs (no teacher for the set). The
         batch split and the terms' weights follow ``generator_replay_weighting`` (:meth:`replay_split`)."""
         c = self.config
         old_classes = self.learned_classes
@@ -495,10 +496,12 @@ class CPSDGeneratorPlugin(StatefulPlugin):
         # images (a zero-weighted replay share would only halve the real batch at the same cost)
         distill = None
         if old_classes and c.generator_distill_weight > 0 and (fresh or self.replay_record is not None):
+            needs_teacher = fresh or c.generator_replay_loss == "distill"
             distill = DistillationSource(
-                teacher=frozen_copy(self.generator), classes=list(old_classes),
+                teacher=frozen_copy(self.generator) if needs_teacher else None, classes=list(old_classes),
                 embeddings=self.buffer.stack(old_classes), teacher_steps=c.generator_teacher_steps,
-                images=None if fresh else self.replay_record[2], labels=None if fresh else self.replay_record[3])
+                images=None if fresh else self.replay_record[2], labels=None if fresh else self.replay_record[3],
+                loss=c.generator_replay_loss)
         exp = self._exp
         train_generator(self.generator, images, labels, cond_new, self.buffer.null, c,
                         steps=self.generator_steps(list(cond_new)),
