@@ -23,7 +23,9 @@ its kept sets (with ``generator_distill_weight=0``, the CPU profiles' setting).
 
 ``--rescore SETS --cas-seeds 0,1,2,3,4`` trains nothing: it measures the CAS of saved sets once per CAS classifier
 seed, to separate a set's quality from the CAS classifier's own seed, and beside it the same recipe trained on as
-many real images per class (what a perfect generator's set would score).
+many real images per class (what a perfect generator's set would score). It also writes the classifiers'
+confusion on the real test images, summed over the seeds, for the sets and for the real images
+(``<SETS without _sets.pt>_confusion.csv``): which class each class's real images are taken for.
 
 The CAS classifier anneals its learning rate to 0 (``--cas-schedule cosine``, the default since 2026-12-05);
 every ablation row before that was measured at a constant rate (``constant``, named in the row's
@@ -62,7 +64,7 @@ from torch import Tensor  # noqa: E402
 from avalanche_drcpsd.config import LR_SCHEDULES, DRCPSDConfig  # noqa: E402
 from avalanche_drcpsd.data import make_benchmark  # noqa: E402
 from avalanche_drcpsd.experiments.compare import ensure_feature_extractor, profile_config  # noqa: E402
-from avalanche_drcpsd.experiments.fidelity import classification_accuracy_score, fid_kid  # noqa: E402
+from avalanche_drcpsd.experiments.fidelity import cas_confusion, classification_accuracy_score, fid_kid  # noqa: E402
 from avalanche_drcpsd.experiments.run import _image_grid, default_experiment  # noqa: E402
 from avalanche_drcpsd.plugins.generator import CPSDGeneratorPlugin  # noqa: E402
 from avalanche_drcpsd.synthetic_cache import to_uint8  # noqa: E402
@@ -409,12 +411,15 @@ def rescore(path: str, seeds: List[int], *, data_root: str, profile: str, cas_ep
     classes = sorted(int(k) for k in y.unique())
     per_class = min(int((y == k).sum()) for k in classes)
 
-    def score(images, labels, s):
-        return classification_accuracy_score(images, labels, x_test, y_test, epochs=cas_epochs, seed=s,
-                                             schedule=cas_schedule)
+    confusion = {"kept sets": 0, "real": 0}
 
-    per_seed = [score(x, y, s) for s in seeds]
-    real_seed = [score(*real_per_class(x_train, y_train, classes, per_class, s), s) for s in seeds]
+    def score(images, labels, s, source):
+        ks, counts = cas_confusion(images, labels, x_test, y_test, epochs=cas_epochs, seed=s, schedule=cas_schedule)
+        confusion[source] = confusion[source] + counts
+        return {k: float(counts[i, i] / counts[i].sum()) for i, k in enumerate(ks)}
+
+    per_seed = [score(x, y, s, "kept sets") for s in seeds]
+    real_seed = [score(*real_per_class(x_train, y_train, classes, per_class, s), s, "real") for s in seeds]
     rows = []
     for k in classes:
         v = np.array([c[k] for c in per_seed])
@@ -427,6 +432,10 @@ def rescore(path: str, seeds: List[int], *, data_root: str, profile: str, cas_ep
                      "cas_schedule": cas_schedule})
     suffix = "" if cas_schedule == "cosine" else f"_{cas_schedule}"
     atomic_write_csv(path.removesuffix("_sets.pt") + f"_cas_seeds{suffix}.csv", rows)
+    atomic_write_csv(path.removesuffix("_sets.pt") + f"_confusion{suffix}.csv", [
+        {"benchmark": name, "variant": sets["variant"], "trained_on": source, "class": k, "cas_seeds": len(seeds),
+         **{f"taken_for_{j}": round(float(counts[i, c] / counts[i].sum()), 4) for c, j in enumerate(classes)}}
+        for source, counts in confusion.items() for i, k in enumerate(classes)])
     means = [r["cas_mean"] for r in rows]
     print(f"[{sets['variant']}] CAS ({cas_schedule}) over {len(seeds)} seeds: mean {np.mean(means):.3f}, min class "
           f"mean {min(means):.3f} (real images, {per_class} per class: mean "

@@ -11,7 +11,7 @@ from avalanche_drcpsd.synthetic_cache import to_uint8
 def test_rescore_scores_each_seed_beside_as_many_real_images(tmp_path, one_thread):
     """A saved set of 50 real training images per class of the main job's data: one row per class with the CAS
     over the seeds and, beside it, the same recipe on 50 real training images per class drawn per seed; the file
-    is named by the CAS schedule."""
+    is named by the CAS schedule. Beside it the confusion of both classifiers, summed over the seeds."""
     gq = benchmark_module("generator_quality")
     benchmark = gq.make_benchmark(gq.experiment_for("default", "cpu", "").benchmark, None, seed=0)
     [(x, y)], _ = gq._streams(benchmark, iid=True)
@@ -28,6 +28,14 @@ def test_rescore_scores_each_seed_beside_as_many_real_images(tmp_path, one_threa
         assert r["images_per_class"] == 50 and r["cas_schedule"] == "cosine"
     assert sum(r["cas_mean"] for r in rows) / 10 > 0.3, "real images as the set score above chance"
     assert (tmp_path / "real_cas_seeds.csv").is_file()
+    with open(tmp_path / "real_confusion.csv", newline="", encoding="utf-8") as fh:
+        confusion = list(csv.DictReader(fh))
+    assert [(r["trained_on"], int(r["class"])) for r in confusion] == \
+        [(source, k) for source in ("kept sets", "real") for k in range(10)]
+    for r in confusion:  # each row: where the class's real test images went, over both seeds
+        assert abs(sum(float(r[f"taken_for_{j}"]) for j in range(10)) - 1) < 1e-3
+        if r["trained_on"] == "kept sets":  # its diagonal is the seeds' mean CAS
+            assert abs(float(r[f"taken_for_{r['class']}"]) - rows[int(r["class"])]["cas_mean"]) < 2e-3
     gq.rescore(str(path), [0], data_root="", profile="cpu", cas_epochs=1, cas_schedule="constant")
     assert (tmp_path / "real_cas_seeds_constant.csv").is_file()
 

@@ -296,6 +296,23 @@ def test_cas_is_per_class_accuracy_of_a_classifier_trained_on_synthetic_images(m
     assert sum(bad.values()) / 4 < 0.6
 
 
+def test_cas_confusion_says_which_class_the_real_images_are_taken_for(mnist_small, one_thread):
+    """A set whose two classes' labels are swapped: the real 0s are taken for 1s and the 1s for 0s; every real
+    image of the set's classes is counted once, and the diagonal is the CAS of the same classifier."""
+    from avalanche_drcpsd.experiments.fidelity import cas_confusion
+
+    xs, ys = _exp_tensors(mnist_small, 0)
+    test = [dataset_tensors(e.dataset.eval()) for e in mnist_small.test_stream]
+    xt, yt = torch.cat([x for x, _ in test]), torch.cat([y for _, y in test])
+    swapped = 1 - ys
+    classes, counts = cas_confusion(xs, swapped, xt, yt, epochs=10, batch_size=16, lr=0.01)
+    assert classes == [0, 1]
+    assert counts.sum(1).tolist() == [int((yt == 0).sum()), int((yt == 1).sum())]
+    assert counts[0, 1] > 0.7 * counts[0].sum() and counts[1, 0] > 0.7 * counts[1].sum()
+    cas = classification_accuracy_score(xs, swapped, xt, yt, epochs=10, batch_size=16, lr=0.01)
+    assert cas == pytest.approx({k: float(counts[i, i] / counts[i].sum()) for i, k in enumerate(classes)})
+
+
 def test_cas_classifier_anneals_its_rate_to_zero(monkeypatch):
     """schedule="cosine" (the default) runs step i of n at lr * (1 + cos(pi i / n)) / 2; "constant" keeps lr; a
     bad schedule is refused, naming it."""
