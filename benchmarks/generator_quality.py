@@ -25,7 +25,8 @@ its kept sets (with ``generator_distill_weight=0``, the CPU profiles' setting).
 seed, to separate a set's quality from the CAS classifier's own seed, and beside it the same recipe trained on as
 many real images per class (what a perfect generator's set would score). It also writes the classifiers'
 confusion on the real test images, summed over the seeds, for the sets and for the real images
-(``<SETS without _sets.pt>_confusion.csv``): which class each class's real images are taken for.
+(``<SETS without _sets.pt>_confusion.csv`` and ``.png``, the plot with their difference): which class each
+class's real images are taken for.
 
 The CAS classifier anneals its learning rate to 0 (``--cas-schedule cosine``, the default since 2026-12-05);
 every ablation row before that was measured at a constant rate (``constant``, named in the row's
@@ -276,6 +277,34 @@ def _heat_map(rows: List[Dict[str, Any]], path: str, *, title: str) -> None:
     plt.close(fig)
 
 
+def _confusion_plot(confusion: Dict[str, Tensor], classes: List[int], path: str, *, title: str) -> None:
+    """Row-normalised confusion of the classifier trained on the kept sets, of the one trained on real images,
+    and their difference (kept minus real: where the kept sets send a class's real images more often)."""
+    shares = {k: (v / v.sum(1, keepdim=True)).numpy() for k, v in confusion.items()}
+    panels = [("trained on the kept sets", shares["kept sets"], "viridis", 0, 1),
+              ("trained on as many real images", shares["real"], "viridis", 0, 1),
+              ("kept minus real", shares["kept sets"] - shares["real"], "RdBu_r", -0.3, 0.3)]
+    n = len(classes)
+    fig, axes = plt.subplots(1, 3, figsize=(3 * (1.4 + 0.38 * n), 1.4 + 0.38 * n))
+    for ax, (name, grid, cmap, lo, hi) in zip(axes, panels):
+        im = ax.imshow(grid, vmin=lo, vmax=hi, cmap=cmap)
+        for i in range(n):
+            for j in range(n):
+                if abs(grid[i, j]) >= 0.005:
+                    ax.text(j, i, f"{100 * grid[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                            color="black" if (cmap == "RdBu_r" or grid[i, j] > 0.6) else "white")
+        ax.set_xticks(range(n), [str(c) for c in classes])
+        ax.set_yticks(range(n), [str(c) for c in classes])
+        ax.set_xlabel("taken for")
+        ax.set_ylabel("real class")
+        ax.set_title(name, fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
 def upsert_ablation(path: str, row: Dict[str, Any]) -> None:
     rows = []
     if os.path.isfile(path):
@@ -436,6 +465,9 @@ def rescore(path: str, seeds: List[int], *, data_root: str, profile: str, cas_ep
         {"benchmark": name, "variant": sets["variant"], "trained_on": source, "class": k, "cas_seeds": len(seeds),
          **{f"taken_for_{j}": round(float(counts[i, c] / counts[i].sum()), 4) for c, j in enumerate(classes)}}
         for source, counts in confusion.items() for i, k in enumerate(classes)])
+    _confusion_plot(confusion, classes, path.removesuffix("_sets.pt") + f"_confusion{suffix}.png",
+                    title=f"{name} / {sets['variant']}: CAS classifiers' confusion on the real test images, "
+                          f"% ({len(seeds)} seed(s), {per_class} images per class)")
     means = [r["cas_mean"] for r in rows]
     print(f"[{sets['variant']}] CAS ({cas_schedule}) over {len(seeds)} seeds: mean {np.mean(means):.3f}, min class "
           f"mean {min(means):.3f} (real images, {per_class} per class: mean "

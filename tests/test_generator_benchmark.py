@@ -36,6 +36,7 @@ def test_rescore_scores_each_seed_beside_as_many_real_images(tmp_path, one_threa
         assert abs(sum(float(r[f"taken_for_{j}"]) for j in range(10)) - 1) < 1e-3
         if r["trained_on"] == "kept sets":  # its diagonal is the seeds' mean CAS
             assert abs(float(r[f"taken_for_{r['class']}"]) - rows[int(r["class"])]["cas_mean"]) < 2e-3
+    assert (tmp_path / "real_confusion.png").stat().st_size > 0
     gq.rescore(str(path), [0], data_root="", profile="cpu", cas_epochs=1, cas_schedule="constant")
     assert (tmp_path / "real_cas_seeds_constant.csv").is_file()
 
