@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .config import DRCPSDConfig
+from .config import CHOICES, DRCPSDConfig
 from .generator import Generator
 from .losses import generative_distillation_loss, ldm_loss
 from .utils import lr_schedule
@@ -45,8 +45,9 @@ class DistillationSource:
     loss: str = "distill"
 
     def __post_init__(self):
-        if self.loss not in ("distill", "ldm"):
-            raise ValueError(f"DistillationSource loss={self.loss!r}; expected 'distill' or 'ldm'")
+        if self.loss not in CHOICES["generator_replay_loss"]:
+            raise ValueError(f"DistillationSource loss={self.loss!r}; expected one of "
+                             f"{list(CHOICES['generator_replay_loss'])}")
         if self.teacher is None and (self.fresh or self.loss == "distill"):
             raise ValueError("DistillationSource needs a teacher for fresh inputs or loss='distill'")
 

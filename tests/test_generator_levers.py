@@ -197,6 +197,20 @@ def test_ldm_replay_builds_no_teacher_and_denoises_the_kept_sets(mnist_small, mo
     assert denoising_loss(plugin.generator) < denoising_loss(without.generator)
 
 
+def test_replay_source_refuses_a_missing_teacher_and_an_unknown_loss():
+    from avalanche_drcpsd.generator_training import DistillationSource
+
+    kept = dict(classes=[0], embeddings=torch.zeros(1, 2, 4), images=torch.zeros(2, 1, 8, 8),
+                labels=torch.zeros(2, dtype=torch.long))
+    assert DistillationSource(teacher=None, loss="ldm", **kept).teacher is None  # a kept pool needs no teacher
+    with pytest.raises(ValueError, match="needs a teacher"):
+        DistillationSource(teacher=None, loss="distill", **kept)
+    with pytest.raises(ValueError, match="needs a teacher"):  # fresh inputs are the teacher's samples
+        DistillationSource(teacher=None, classes=[0], embeddings=torch.zeros(1, 2, 4), loss="ldm")
+    with pytest.raises(ValueError, match="loss='mse'"):
+        DistillationSource(teacher=None, loss="mse", **kept)
+
+
 def test_ema_weights_are_the_ones_sampled_and_saved(mnist_small, monkeypatch, one_thread, tmp_path):
     """With an EMA the generator ends the phase on the averaged weights, not the last optimiser step's."""
     from diffusers.training_utils import EMAModel
