@@ -124,12 +124,13 @@ def train_generator(gen: Generator, images: Tensor, labels: Tensor, cond_new: Di
                 z0 = gen.encode(distill.images[pick].to(device))
             cond_o = drop_conditions(emb_old[lookup_old[cls].to(device)], null, c.cond_dropout, rng)
             z_t, noise_o, t = gen.noisy(z0, rng)
+            pred_o = gen.predict_noise(z_t, t, cond_o)
             if distill.loss == "ldm":
-                loss_gd = ldm_loss(gen.predict_noise(z_t, t, cond_o), noise_o, gen.snr(t), c.snr_gamma)
+                loss_gd = ldm_loss(pred_o, noise_o, gen.snr(t), c.snr_gamma)
             else:
                 with torch.no_grad():
                     target = distill.teacher.predict_noise(z_t, t, cond_o)
-                loss_gd = generative_distillation_loss(gen.predict_noise(z_t, t, cond_o), target)
+                loss_gd = generative_distillation_loss(pred_o, target)
             loss = loss + loss_gd * w_old
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite generator loss ({loss.item()}) {on_error(step)}")

@@ -65,7 +65,12 @@ from torch import Tensor  # noqa: E402
 from avalanche_drcpsd.config import LR_SCHEDULES, DRCPSDConfig  # noqa: E402
 from avalanche_drcpsd.data import make_benchmark  # noqa: E402
 from avalanche_drcpsd.experiments.compare import ensure_feature_extractor, profile_config  # noqa: E402
-from avalanche_drcpsd.experiments.fidelity import cas_confusion, classification_accuracy_score, fid_kid  # noqa: E402
+from avalanche_drcpsd.experiments.fidelity import (  # noqa: E402
+    cas_confusion,
+    classification_accuracy_score,
+    confusion_accuracy,
+    fid_kid,
+)
 from avalanche_drcpsd.experiments.run import _image_grid, default_experiment  # noqa: E402
 from avalanche_drcpsd.plugins.generator import CPSDGeneratorPlugin  # noqa: E402
 from avalanche_drcpsd.synthetic_cache import to_uint8  # noqa: E402
@@ -445,7 +450,7 @@ def rescore(path: str, seeds: List[int], *, data_root: str, profile: str, cas_ep
     def score(images, labels, s, source):
         ks, counts = cas_confusion(images, labels, x_test, y_test, epochs=cas_epochs, seed=s, schedule=cas_schedule)
         confusion[source] = confusion[source] + counts
-        return {k: float(counts[i, i] / counts[i].sum()) for i, k in enumerate(ks)}
+        return confusion_accuracy(ks, counts)
 
     per_seed = [score(x, y, s, "kept sets") for s in seeds]
     real_seed = [score(*real_per_class(x_train, y_train, classes, per_class, s), s, "real") for s in seeds]

@@ -33,8 +33,8 @@ from ..models import SmallCNN
 from ..synthetic_cache import to_uint8
 from ..utils import atomic_write, lr_schedule
 
-__all__ = ["EXTRACTOR_NAME", "train_feature_extractor", "classification_accuracy_score", "cas_confusion", "fid_kid",
-           "FidelityError"]
+__all__ = ["EXTRACTOR_NAME", "train_feature_extractor", "classification_accuracy_score", "cas_confusion",
+           "confusion_accuracy", "fid_kid", "FidelityError"]
 
 EXTRACTOR_NAME = "drcpsd-classifier"
 _WEIGHTS, _SPEC = "extractor.safetensors", "extractor.json"
@@ -167,8 +167,13 @@ def classification_accuracy_score(synthetic: Tensor, synthetic_labels: Tensor, r
     weights the last step left: trained on 500 *real* images per class of MNIST, three classifier seeds scored
     0.93 / 0.95 / 0.97 (the worst class 0.70 / 0.84 / 0.95), against 0.96 / 0.97 / 0.97 (worst 0.94 / 0.95 /
     0.95) with ``cosine`` (``results/generator/README.md``)."""
-    classes, counts = cas_confusion(synthetic, synthetic_labels, real, real_labels, epochs=epochs,
-                                    batch_size=batch_size, lr=lr, seed=seed, schedule=schedule)
+    return confusion_accuracy(*cas_confusion(synthetic, synthetic_labels, real, real_labels, epochs=epochs,
+                                             batch_size=batch_size, lr=lr, seed=seed, schedule=schedule))
+
+
+def confusion_accuracy(classes: List[int], counts: Tensor) -> Dict[int, float]:
+    """Per-class accuracy of a confusion matrix as :func:`cas_confusion` returns it: its diagonal over its row
+    sums (NaN for a class with no image)."""
     n = counts.sum(1)
     return {k: float(counts[i, i] / n[i]) if n[i] > 0 else float("nan") for i, k in enumerate(classes)}
 
