@@ -43,6 +43,7 @@ CHOICES = {
     "rehearsal_target": ("label", "teacher"),
     "replay_epoch_length": ("longer", "shorter"),
     "student_bn": ("average", "new"),
+    "replay_bn": ("joint", "split"),
     "logit_mask": ("none", "seen"),
     "teacher_mode": ("eval", "student"),
     "replay_optimizer": ("fresh", "continue"),
@@ -98,7 +99,8 @@ REFERENCE: Dict[str, Any] = {
     "snr_gamma": 5.0, "cpsd_order": "before_generator",
     "sampler": "dpm", "sampling_steps": 20, "guidance_scale": (5.0, 9.0), "guidance_draw": "batch",
     "replay_draw": "once", "replay_classes": "seen", "replay_filter": "none", "n_replay_per_class": 6000,
-    "replay_augment": "reference", "replay_epochs": 1, "replay_epoch_length": "shorter", "replay_min_steps": 0,
+    "replay_augment": "reference", "replay_bn": "joint", "replay_epochs": 1, "replay_epoch_length": "shorter",
+    "replay_min_steps": 0,
     "replay_batch_real": 16, "replay_batch_syn": 16, "rehearsal_batch_syn": 0, "replay_lr": None,
     "replay_optimizer": "continue", "replay_lr_schedule": "constant",
     "replay_grad_clip": None, "kappa": 0.05, "kappa_schedule": "constant", "pi": 0.5, "distill_old_weight": 0.5,
@@ -290,6 +292,13 @@ class DRCPSDConfig:
     #: each axis (border replicated, :func:`~avalanche_drcpsd.augment.random_shift`), ``shift_flip``: that and a
     #: left-right flip with probability 0.5 (for classes a mirror does not change, not digits); no JPEG step.
     replay_augment: str = "none"
+    #: how BatchNorm sees each paired replay batch. ``joint``: one forward pass of the synthetic and real images
+    #: together, whose batch statistics normalise both halves and update the running statistics (the original
+    #: code: ``self(x_cat)`` on ``torch.cat([x, gen_x])``, ``backbone/backbone.py`` ``observe``). *Package*
+    #: ``split``: the two halves forwarded apart, each normalised by its own batch statistics, and only the real
+    #: half updating the running statistics that test images are normalised with (domain-specific normalisation
+    #: of the synthetic images, as in AdaBN, Li et al. 2016); no difference for a model without BatchNorm.
+    replay_bn: str = "joint"
     replay_epochs: int = 1
     #: one replay epoch is ``longer``: as many paired batches as the longer of the two sets (the other cycles), or
     #: ``shorter``: the original code's ``zip(real, synthetic)`` (``backbone/train.py`` l. 372), which stops with the
@@ -594,6 +603,7 @@ class ReplayConfig:
     step_ema: Optional[float] = _flat_default("replay_step_ema")
     epoch_length: str = _flat_default("replay_epoch_length")
     augment: str = _flat_default("replay_augment")
+    bn: str = _flat_default("replay_bn")
     teacher_mode: str = _flat_default("teacher_mode")
     optimizer: str = _flat_default("replay_optimizer")
     replay_lr: Optional[float] = _flat_default("replay_lr")
@@ -612,6 +622,7 @@ class ReplayConfig:
             "kappa_schedule": "kappa_schedule", "pi": "pi", "distill_old_weight": "distill_old_weight",
             "student_init": "student_init", "ema_alpha": "ema_alpha", "student_bn": "student_bn",
             "step_ema": "replay_step_ema", "epoch_length": "replay_epoch_length", "augment": "replay_augment",
+            "bn": "replay_bn",
             "teacher_mode": "teacher_mode", "optimizer": "replay_optimizer", "replay_lr": "replay_lr",
             "lr_schedule": "replay_lr_schedule",
             "grad_clip": "replay_grad_clip", "kd_weight": "replay_kd_weight",

@@ -21,6 +21,7 @@ __all__ = [
     "PHASES",
     "freeze",
     "frozen_copy",
+    "running_stats_kept",
     "parse_dtype",
     "interpolate_state_dicts",
     "atomic_write",
@@ -55,6 +56,27 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+@contextlib.contextmanager
+def running_stats_kept(module: nn.Module) -> Iterator[None]:
+    """Inside the block, forward passes of ``module`` in train mode normalise by their batch statistics as usual,
+    but they update copies of every BatchNorm's running statistics (``running_mean``, ``running_var``,
+    ``num_batches_tracked``); the block's end puts the originals back, unchanged. The copies are swapped in
+    rather than the originals restored in place, so a backward pass through the block's graph (which holds the
+    buffers it saw) stays valid."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    saved = [{k: getattr(m, k) for k in names if getattr(m, k, None) is not None} for m in norms]
+    for m, buffers in zip(norms, saved):
+        for k, b in buffers.items():
+            setattr(m, k, b.clone())
+    try:
+        yield
+    finally:
+        for m, buffers in zip(norms, saved):
+            for k, b in buffers.items():
+                setattr(m, k, b)
 
 
 def parse_dtype(value: Union[str, torch.dtype], *, name: str = "torch_dtype",

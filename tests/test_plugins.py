@@ -552,3 +552,58 @@ def test_rehearsal_towards_the_teacher_distils_it_outside_the_minibatch(mnist_sm
     assert len(extras) > 1 and extras[0] == pytest.approx(0.0, abs=1e-6), "the model starts as the old teacher"
     assert all(extra > 0 for extra in extras[1:]), "the old teacher's KD on the rehearsed images is added"
     assert replay._pending is None
+
+
+class _BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_split_bn_normalises_each_half_apart_and_keeps_the_real_halfs_running_statistics():
+    """bn="split": the synthetic half's logits are the student's on that half alone (its own batch statistics),
+    not those of one joint pass, and the running statistics end as a pass of the real half alone leaves them."""
+    torch.manual_seed(0)
+    xs, xr = torch.rand(8, 1, 28, 28) * 0.2, torch.rand(16, 1, 28, 28)  # unlike statistics
+    outputs = {}
+    for bn in ("joint", "split"):
+        model = _BNNet().train()
+        replay = DreamReplayPlugin(FakeSource([]), bn=bn, verbose=False)
+        replay.distill.set_new_teacher(model)  # gives the feature layer
+        alone, real_only = copy.deepcopy(model), copy.deepcopy(model)
+        logits, h = replay.student_forward(model, xs, xr)
+        assert logits.shape == (24, 10) and h.shape == (24, 16)
+        outputs[bn] = logits
+        with torch.no_grad():
+            real_only(xr)
+        if bn == "split":
+            torch.testing.assert_close(logits[:8], alone(xs))
+            torch.testing.assert_close(logits[8:], alone(xr))
+            torch.testing.assert_close(model.body[2].running_mean, real_only.body[2].running_mean)
+            torch.testing.assert_close(model.body[2].running_var, real_only.body[2].running_var)
+        else:
+            torch.testing.assert_close(logits, alone(torch.cat([xs, xr])))
+            assert not torch.allclose(model.body[2].running_mean, real_only.body[2].running_mean)
+    assert not torch.allclose(outputs["joint"][:8], outputs["split"][:8])
+    with pytest.raises(ValueError, match="bn='mixed'"):
+        DreamReplayPlugin(FakeSource([]), bn="mixed")
+
+
+def test_split_bn_replay_runs_and_the_flat_field_is_validated(mnist_small):
+    from avalanche_drcpsd.config import ConfigError, DRCPSDConfig, ReplayConfig
+
+    replay = DreamReplayPlugin.from_config(FakeSource([]), DRCPSDConfig(replay_bn="split", n_replay_per_class=8,
+                                                                        replay_batch_syn=8, replay_batch_real=16),
+                                           verbose=False)
+    assert replay.config.bn == "split" and ReplayConfig().bn == "joint"
+    strategy = _naive(_BNNet(), [replay])
+    for exp in mnist_small.train_stream[:2]:
+        strategy.train(exp)
+    assert replay.replayed_batches > 0 and replay.stats[1]["isolation_mean"] > 0
+    with pytest.raises(ConfigError, match="replay_bn='both'"):
+        DRCPSDConfig(replay_bn="both")
+

@@ -35,6 +35,7 @@ ORIGINAL = {
     "n_replay_per_class": 6000,         # run_cifar10.sh l. 19
     "replay_draw": "once", "replay_classes": "seen",   # --shared_gen_replay: main.py l. 146-157, manager.py l. 634
     "replay_augment": "reference",      # .jpeg files; manager.py l. 57-62
+    "replay_bn": "joint",               # backbone.py observe(): self(x_cat), x_cat = torch.cat([x, gen_x])
     "replay_epochs": 1, "replay_epoch_length": "shorter",  # train.py l. 372: zip(...)
     "replay_batch_real": 16, "replay_batch_syn": 16,       # c_batch_size 32 // 2 each
     "replay_optimizer": "continue", "replay_lr": None,     # train.py l. 264-265

@@ -16,6 +16,7 @@ from avalanche_drcpsd.utils import (
     atomic_write_text,
     frozen_copy,
     interpolate_state_dicts,
+    running_stats_kept,
 )
 
 
@@ -135,6 +136,26 @@ def test_frozen_copy(old_new):
     before = teacher[1].running_mean.clone()
     teacher(torch.randn(4, 3))
     assert torch.equal(teacher[1].running_mean, before)
+
+
+def test_running_stats_kept_normalises_by_the_batch_and_restores_the_buffers_even_on_error():
+    m = _model(0, batches=2)
+    before = {k: b.clone() for k, b in m[1].named_buffers()}
+    x = 5 + 3 * torch.randn(16, 3)
+    with running_stats_kept(m):
+        h = m[1](m[0](x))
+        assert not torch.equal(m[1].running_mean, before["running_mean"])  # the pass itself updates them
+    # train mode inside: normalised by the batch's own statistics (mean 0 per feature before the affine map)
+    torch.testing.assert_close(((h - m[1].bias) / m[1].weight).mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+    for k, b in m[1].named_buffers():
+        assert torch.equal(b, before[k]), k
+    with pytest.raises(RuntimeError, match="boom"):
+        with running_stats_kept(m):
+            m(x)
+            raise RuntimeError("boom")
+    assert all(torch.equal(b, before[k]) for k, b in m[1].named_buffers())
+    m(x)  # outside the block the running statistics move again
+    assert not torch.equal(m[1].running_mean, before["running_mean"])
 
 
 # --- atomic_write ------------------------------------------------------------------------------------

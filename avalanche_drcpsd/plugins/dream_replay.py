@@ -51,7 +51,7 @@ from ..config import ReplayConfig, build_from_fields
 from ..features import check_single_task, classify, find_head, forward_with_features
 from ..losses import balanced_kappa, isolation_loss, logit_distillation_loss
 from ..replay_training import train_student
-from ..utils import PhaseTimer, experience_classes, interpolate_state_dicts, lr_schedule
+from ..utils import PhaseTimer, experience_classes, interpolate_state_dicts, lr_schedule, running_stats_kept
 from .base import StatefulPlugin
 from .distill import DistillPlugin
 
@@ -153,6 +153,9 @@ class DreamReplayPlugin(StatefulPlugin):
             with this ``a`` (the original code's ``--c_ema``, 0.1); None: off.
         :param epoch_length: ``longer``: an epoch is as many paired batches as the longer set has, the other
             cycling; ``shorter``: as many as the shorter one (the original code's ``zip``).
+        :param bn: ``joint`` (the original code): the synthetic and real halves of a paired batch go through the
+            student in one forward pass, normalised by their joint BatchNorm statistics; ``split`` (*package*):
+            apart, each normalised by its own, and only the real half updates the running statistics.
         :param augment: ``reference``: the original classifier's training transforms on every synthetic image
             of every batch (:func:`~avalanche_drcpsd.augment.reference_classifier_augment`), before
             ``syn_transform``; ``shift`` / ``shift_flip``: a translation by up to 2 pixels per axis (and a
@@ -309,7 +312,7 @@ class DreamReplayPlugin(StatefulPlugin):
                 f"the newest classes. Raise replay_epochs or set replay_min_steps (e.g. {FEW_REPLAY_STEPS}).",
                 stacklevel=2)
         def loss(xs, ys, xr, yr):
-            logits, h = forward_with_features(model, torch.cat([xs, xr]), self.distill.feature_layer)
+            logits, h = self.student_forward(model, xs, xr)
             n = xs.shape[0]
             ce = isolation_loss(logits[:n], ys, logits[n:], yr, kappa)
             kd = self.distill.replay_loss(h[:n], xs, h[n:], xr)
@@ -338,6 +341,19 @@ class DreamReplayPlugin(StatefulPlugin):
         for key, value in self.stats[exp].items():
             strategy.evaluator.publish_metric_value(
                 MetricValue(self, f"Replay/{key}/Exp{exp:03d}", value, strategy.clock.train_iterations))
+
+    def student_forward(self, model: torch.nn.Module, xs: Tensor, xr: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(logits, h)`` of the student on the paired batch ``cat([xs, xr])``: one forward pass with ``bn=
+        "joint"``; with ``"split"`` the synthetic half apart, normalised by its own batch statistics and leaving
+        the running statistics as they were (:func:`~avalanche_drcpsd.utils.running_stats_kept`), then the real
+        half, which alone updates them."""
+        layer = self.distill.feature_layer
+        if self.config.bn == "joint":
+            return forward_with_features(model, torch.cat([xs, xr]), layer)
+        with running_stats_kept(model):
+            logits_syn, h_syn = forward_with_features(model, xs, layer)
+        logits_real, h_real = forward_with_features(model, xr, layer)
+        return torch.cat([logits_syn, logits_real]), torch.cat([h_syn, h_real])
 
     def synthetic_transform(self) -> Optional[Callable[[Tensor], Tensor]]:
         """What the synthetic half of each paired batch goes through: the augmentation ``augment`` names (the
