@@ -1,7 +1,9 @@
 """End to end on a slice of real MNIST: DR-CPSD keeps clearly more old-class accuracy than Naive."""
 
+import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 from avalanche.evaluation.metrics import accuracy_metrics
@@ -126,6 +128,13 @@ def test_runner_writes_logs_state_and_summary(tmp_path, monkeypatch):
                  "samples_exp0.png", "samples_exp1.png", "summary.json", "config.json"):
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "summary.json").read_text())["stored_real_images"] == 0
+    # the last evaluation's confusion: every test image once, its diagonal the pooled accuracy
+    with open(logs / "confusion.csv", newline="") as fh:
+        confusion = list(csv.DictReader(fh))
+    counts = np.array([[int(r[str(j)]) for j in range(10)] for r in confusion])
+    assert [r["class"] for r in confusion] == [str(i) for i in range(10)] and confusion[3]["name"] == "three"
+    assert counts.sum() == sum(int(n) for n in run.info["test_sizes"].split())
+    assert np.trace(counts) / counts.sum() == pytest.approx(summary["final_stream_accuracy"], abs=1e-9)
 
 
 def test_drcpsd_keeps_old_and_new_classes_after_replay(mnist_e2e, drcpsd_run):

@@ -47,3 +47,32 @@ def test_bad_extractor_dir_and_inputs_are_named(tmp_path, mnist_images):
         fid_kid(x, x, tmp_path)
     with pytest.raises(FidelityError, match="synthetic images of shape"):
         fid_kid(x, x[0], tmp_path)
+
+
+class _Fixed(torch.nn.Module):
+    """Predicts class 2 where an image's first pixel is above 0.5, class 0 elsewhere (whatever the label)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(1)
+
+    def forward(self, x):
+        assert not self.training, "the confusion is measured in eval mode"
+        hit = (x.flatten(1)[:, :1] > 0.5).float()
+        return torch.cat([1 - hit, torch.zeros_like(hit), 2 * hit], 1)
+
+
+def test_model_confusion_counts_predictions_per_true_class_and_restores_the_mode():
+    from torch.utils.data import TensorDataset
+
+    from avalanche_drcpsd.experiments.fidelity import model_confusion
+
+    x = torch.zeros(6, 1, 2, 2)
+    x[[1, 4, 5], 0, 0, 0] = 1.0  # predicted 2; the others 0
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    model = _Fixed().train()
+    counts = model_confusion(model, [TensorDataset(x[:3], y[:3]), TensorDataset(x[3:], y[3:])], 3, batch_size=2)
+    assert counts.tolist() == [[1, 0, 1], [2, 0, 0], [0, 0, 2]]
+    assert model.training
+    with pytest.raises(FidelityError, match="a label or prediction of 2; expected classes below num_classes=2"):
+        model_confusion(model, TensorDataset(x, y), 2)

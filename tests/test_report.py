@@ -72,14 +72,20 @@ def test_compare_writes_one_csv_folder_per_run_and_a_report(compared):
         for seed in (1, 2):
             logs = folder / "runs" / strategy / f"seed{seed}" / "logs"
             assert (logs / "eval_results.csv").is_file() and (logs / "run_info.csv").is_file()
-    for png in ("accuracy.png", "accuracy_memory.png", "accuracy_matrix.png", "mmd_gap.png", "fid.png", "kid.png"):
+    for png in ("accuracy.png", "accuracy_memory.png", "accuracy_matrix.png", "confusion.png", "mmd_gap.png",
+                "fid.png", "kid.png"):
         data = (folder / png).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 2000, png
     for seed in (1, 2):  # FID/KID after every experience, the last included (published after its evaluation)
         names = {r["name"] for r in _read(folder / "runs" / "drcpsd" / f"seed{seed}" / "logs" / "metrics.csv")}
         assert {f"RealSyn{m}/Exp{e:03d}" for m in ("FID", "KID") for e in (0, 1)} <= names
+    for strategy in ("naive", "joint", "drcpsd"):  # every run's last confusion: its diagonal the pooled accuracy
+        run = load_run(str(folder / "runs" / strategy / "seed1" / "logs"))
+        assert run.confusion.shape == (10, 10) and run.class_names[0] == "zero"
+        assert run.confusion.sum() == sum(int(n) for n in run.info["test_sizes"].split())
+        assert np.trace(run.confusion) / run.confusion.sum() == pytest.approx(run.stream_accuracy[-1], abs=1e-6)
     report = (folder / "report.md").read_text()
-    assert "compare.py" in report and "![accuracy](accuracy.png)" in report
+    assert "compare.py" in report and "![accuracy](accuracy.png)" in report and "(confusion.png)" in report
     assert "runs/drcpsd/seed1/samples_exp1.png" in report
 
 
@@ -262,6 +268,7 @@ def test_report_plots_accuracy_against_memory_and_tolerates_old_run_info(tmp_pat
     assert report_main([str(old)]) == 0
     assert _read(old / "summary.csv")[0]["memory_bytes"] == ""
     assert not (old / "accuracy_memory.png").exists()
+    assert not (old / "confusion.png").exists(), "no run wrote a confusion.csv"
     assert "accuracy_memory" not in (old / "report.md").read_text()
 
     _fake_run(old, "naive", 0, [[0.9], [0.0, 0.9]], {"memory_bytes": "lots"})

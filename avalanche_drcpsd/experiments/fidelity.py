@@ -10,7 +10,8 @@ as ``<dir>/extractor.safetensors`` + ``<dir>/extractor.json``.
 * :func:`train_feature_extractor`: train and save it (atomically).
 * :func:`classification_accuracy_score`: CAS (Ravuri & Vinyals, 2019), the accuracy on real test images of a
   classifier trained on synthetic images alone, per class; :func:`cas_confusion` the same classifier's confusion
-  matrix (which class each class's real images are taken for).
+  matrix (which class each class's real images are taken for); :func:`model_confusion` a trained model's own
+  confusion on a data set (a run's ``logs/confusion.csv``).
 * :func:`fid_kid`: :math:`FID = \\lVert\\mu_r-\\mu_s\\rVert^2 + Tr(\\Sigma_r+\\Sigma_s-2(\\Sigma_r\\Sigma_s)^{1/2})`
   (Heusel et al., 2017) and the unbiased polynomial-kernel KID (Binkowski et al., 2018), computed by
   torch-fidelity on those features.
@@ -34,7 +35,7 @@ from ..synthetic_cache import to_uint8
 from ..utils import atomic_write, lr_schedule
 
 __all__ = ["EXTRACTOR_NAME", "train_feature_extractor", "classification_accuracy_score", "cas_confusion",
-           "confusion_accuracy", "fid_kid", "FidelityError"]
+           "confusion_accuracy", "model_confusion", "fid_kid", "FidelityError"]
 
 EXTRACTOR_NAME = "drcpsd-classifier"
 _WEIGHTS, _SPEC = "extractor.safetensors", "extractor.json"
@@ -176,6 +177,33 @@ def confusion_accuracy(classes: List[int], counts: Tensor) -> Dict[int, float]:
     sums (NaN for a class with no image)."""
     n = counts.sum(1)
     return {k: float(counts[i, i] / n[i]) if n[i] > 0 else float("nan") for i, k in enumerate(classes)}
+
+
+@torch.no_grad()
+def model_confusion(model: torch.nn.Module, datasets, num_classes: int, *, device: Union[str, torch.device] = "cpu",
+                    batch_size: int = 1000) -> Tensor:
+    """``counts[i, j]``: how many images of class ``i`` in ``datasets`` (one data set or several, e.g. a test
+    stream's, yielding ``(x, y, ...)``) ``model`` predicts as ``j`` (argmax of its logits; a long tensor
+    ``(num_classes, num_classes)``). The model runs in eval mode and is put back in the mode it was in."""
+    from torch.utils.data import DataLoader
+
+    from ..features import classify
+
+    counts = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    try:
+        for dataset in (datasets if isinstance(datasets, (list, tuple)) else [datasets]):
+            for x, y, *_ in DataLoader(dataset, batch_size=batch_size):
+                pred = classify(model, x.to(device)).argmax(1).cpu()
+                if int(y.max()) >= num_classes or int(pred.max()) >= num_classes:
+                    raise FidelityError(f"a label or prediction of {max(int(y.max()), int(pred.max()))}; expected "
+                                        f"classes below num_classes={num_classes}")
+                counts += torch.bincount(y.long() * num_classes + pred, minlength=num_classes ** 2).view(
+                    num_classes, num_classes)
+    finally:
+        model.train(was_training)
+    return counts
 
 
 def cas_confusion(synthetic: Tensor, synthetic_labels: Tensor, real: Tensor, real_labels: Tensor, *,

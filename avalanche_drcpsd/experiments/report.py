@@ -14,6 +14,9 @@ reads every run under ``<folder>/runs/<strategy>/seed<k>/logs/`` (Avalanche ``CS
 * ``accuracy_memory.png``: final average accuracy (mean over seeds, std error bar) against ``memory_bytes``
   (log axis; the strategies that keep nothing at 0), one point per strategy with a known memory;
 * ``accuracy_matrix.png``: per strategy, the seed-mean accuracy on experience *j* after training on *i*;
+* ``confusion.png``: per strategy, which class each class's test images are taken for after the last experience
+  (the runs' ``logs/confusion.csv`` summed over seeds, each row divided by its sum), for the strategies whose
+  runs wrote one;
 * ``mmd_gap.png``: the real-vs-synthetic gap (mean over the learned classes) after each experience, for the
   strategies that publish it;
 * ``targets.csv``: DR-CPSD against the comparison's targets (:data:`TARGETS`, :func:`target_checks`): each
@@ -48,6 +51,7 @@ import numpy as np
 from ..data import FSCIL_BENCHMARKS, SPLIT_BENCHMARKS
 from ..utils import atomic_write, atomic_write_csv, atomic_write_text
 from .baselines import STRATEGIES, is_joint
+from .run import CONFUSION
 
 __all__ = ["RunLogs", "load_run", "find_runs", "summarise", "target_checks", "build_report", "plot_accuracy",
            "plot_accuracy_memory", "plot_sessions", "session_rows", "main", "TARGETS"]
@@ -84,6 +88,9 @@ class RunLogs:
     mmd_gap: List[float] = field(default_factory=list)  # mean over classes, after each evaluation
     fid: List[float] = field(default_factory=list)  # real vs synthetic, after each experience
     kid: List[float] = field(default_factory=list)
+    #: ``logs/confusion.csv``: test images of class i predicted as j after the last experience (None: not written)
+    confusion: Optional[np.ndarray] = None
+    class_names: List[str] = field(default_factory=list)
 
     @property
     def final_average_accuracy(self) -> float:
@@ -179,10 +186,16 @@ def load_run(log_dir: str) -> RunLogs:
             mmd.setdefault(int(float(r["x"])), []).append(float(r["value"]))
         elif name.split("/")[0] in fidelity:
             fidelity[name.split("/")[0]][int(name.rsplit("Exp", 1)[1])] = float(r["value"])
+    confusion, names = None, []
+    if os.path.isfile(os.path.join(log_dir, CONFUSION)):  # runs made before it have none
+        table = _read_csv(os.path.join(log_dir, CONFUSION))
+        confusion = np.array([[int(r[str(j)]) for j in range(len(table))] for r in table])
+        names = [r["name"] for r in table]
     return RunLogs(strategy=info.get("strategy", "?"), seed=int(info.get("seed", 0)), matrix=matrix,
                    stream_accuracy=stream, info=info, mmd_gap=[float(np.mean(v)) for _, v in sorted(mmd.items())],
                    fid=[v for _, v in sorted(fidelity["RealSynFID"].items())],
-                   kid=[v for _, v in sorted(fidelity["RealSynKID"].items())])
+                   kid=[v for _, v in sorted(fidelity["RealSynKID"].items())], confusion=confusion,
+                   class_names=names)
 
 
 def find_runs(folder: str) -> Dict[str, List[RunLogs]]:
@@ -376,6 +389,41 @@ def plot_accuracy_memory(rows: Sequence[Dict[str, object]], path: str) -> bool:
     return True
 
 
+def plot_confusion(runs: Dict[str, List[RunLogs]], path: str) -> bool:
+    """Per strategy, the share of each class's test images taken for each class after the last experience (the
+    seeds' ``confusion.csv`` counts summed, each row over its sum), in percent on the cells for up to 20 classes,
+    written to ``path`` (PNG). Returns False, writing nothing, when no run has a confusion."""
+    shown = {s: [r.confusion for r in rs if r.confusion is not None] for s, rs in runs.items()}
+    shown = {s: c for s, c in shown.items() if c and len({m.shape for m in c}) == 1}
+    if not shown:
+        return False
+    plt = _pyplot()
+    n = len(shown)
+    k = next(iter(shown.values()))[0].shape[0]
+    cols = min(4, n)
+    size = 1.2 + 0.3 * min(k, 20)
+    fig, axes = plt.subplots(-(-n // cols), cols, figsize=(size * cols, size * -(-n // cols)), squeeze=False)
+    for ax, (strategy, counts) in zip(axes.flat, shown.items()):
+        total = np.sum(counts, axis=0).astype(float)
+        share = total / np.maximum(total.sum(1, keepdims=True), 1)
+        ax.imshow(share, vmin=0, vmax=1, cmap="viridis")
+        if share.shape[0] <= 20:
+            for (i, j), v in np.ndenumerate(share):
+                if v >= 0.005:
+                    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=5,
+                            color="w" if v < 0.6 else "k")
+        ax.set_title(f"{strategy} ({len(counts)} seed{'s' * (len(counts) > 1)})", fontsize=8)
+        ax.set_xlabel("taken for", fontsize=7)
+        ax.set_ylabel("test class", fontsize=7)
+        ax.tick_params(labelsize=5)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle("share of each class's test images (percent) after the last experience", fontsize=8)
+    fig.tight_layout()
+    _save_png(fig, path)
+    return True
+
+
 def _plots(runs: Dict[str, List[RunLogs]], out: str, rows: Sequence[Dict[str, object]]) -> List[str]:
     plt = _pyplot()
     written = []
@@ -408,6 +456,10 @@ def _plots(runs: Dict[str, List[RunLogs]], out: str, rows: Sequence[Dict[str, ob
     fig.tight_layout()
     _save_png(fig, os.path.join(out, "accuracy_matrix.png"))
     written.append("accuracy_matrix.png")
+    if plot_confusion(runs, os.path.join(out, "confusion.png")):
+        written.append("confusion.png")
+    elif os.path.exists(os.path.join(out, "confusion.png")):  # from runs since removed
+        os.remove(os.path.join(out, "confusion.png"))
 
     for attr, label, png in (("mmd_gap", "real-vs-synthetic MMD (mean over classes)", "mmd_gap.png"),
                              ("fid", "real-vs-synthetic FID (project extractor)", "fid.png"),

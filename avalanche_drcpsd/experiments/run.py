@@ -51,6 +51,8 @@ __all__ = ["ExperimentConfig", "run_experiment", "run_main_job", "format_main_jo
 
 #: the run's facts that Avalanche's CSV files do not hold, written as ``logs/run_info.csv`` (``key,value``)
 RUN_INFO = "run_info.csv"
+#: a finished run's confusion on the whole test stream after the last experience (in ``logs/``)
+CONFUSION = "confusion.csv"
 #: the main job's strategies (``--strategies``), in the order they run: the method, its lower bound, rehearsal
 MAIN_JOB_STRATEGIES = ("drcpsd", "naive", "er200")
 #: the columns of the main job's ``summary.csv`` (one row per strategy)
@@ -424,6 +426,9 @@ def run_experiment(exp: ExperimentConfig, out_dir: str, *, verbose: bool = True,
     # what the report needs to pool test experiences (FSCIL: accuracy on all seen, base and novel classes)
     info["test_sizes"] = " ".join(str(len(e.dataset)) for e in benchmark.test_stream)
     info["k_shot"] = "" if spec.k_shot is None else spec.k_shot
+    # which class each test image of the last evaluation is taken for (rows: true class), before run_info.csv,
+    # which is written last and marks the run finished
+    _write_confusion(os.path.join(log_dir, CONFUSION), strategy.model, benchmark, exp, num_outputs)
     _write_key_values(os.path.join(log_dir, RUN_INFO), info)
     _write_json(summary_path, summary)
     for logger in loggers:
@@ -575,6 +580,20 @@ def _publish_fidelity(strategy, benchmark, exp_id: int, exp: ExperimentConfig,
         strategy.evaluator.publish_metric_value(
             MetricValue(strategy, f"{name}/Exp{exp_id:03d}", m[key], strategy.clock.train_iterations))
     flush_metric_values(strategy.evaluator)  # published after the evaluation: no later callback may come
+
+
+def _write_confusion(path: str, model: torch.nn.Module, benchmark, exp: ExperimentConfig, num_outputs: int) -> None:
+    """``logs/confusion.csv``: the model's confusion on the whole test stream, one row per class (``class``,
+    ``name``, then the count of its test images predicted as each class, columns ``0`` ... ``K-1``; K the
+    benchmark's classes, or the head's outputs where it has more)."""
+    from .fidelity import model_confusion
+
+    names = list(benchmark.class_names)
+    k = max(benchmark.spec.num_classes, num_outputs)
+    counts = model_confusion(model, [e.dataset.eval() for e in benchmark.test_stream], k,
+                             device=exp.drcpsd.device, batch_size=exp.eval_mb_size)
+    atomic_write_csv(path, [{"class": i, "name": names[i] if i < len(names) else "",
+                             **{str(j): int(v) for j, v in enumerate(row)}} for i, row in enumerate(counts.tolist())])
 
 
 def _write_key_values(path: str, values: Dict[str, Any]) -> None:
