@@ -32,6 +32,18 @@ class MLP(nn.Module):
         return self.head(self.body(x))
 
 
+class BNNet(nn.Module):
+    """An MLP with one BatchNorm: its running statistics show which batches went through it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
 class FakeSource:
     """A synthetic source whose images are constant MARK; it logs when it is asked."""
 
@@ -554,16 +566,6 @@ def test_rehearsal_towards_the_teacher_distils_it_outside_the_minibatch(mnist_sm
     assert replay._pending is None
 
 
-class _BNNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.BatchNorm1d(16), nn.ReLU())
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
 def test_split_bn_normalises_each_half_apart_and_keeps_the_real_halfs_running_statistics():
     """bn="split": the synthetic half's logits are the student's on that half alone (its own batch statistics),
     not those of one joint pass, and the running statistics end as a pass of the real half alone leaves them."""
@@ -571,7 +573,7 @@ def test_split_bn_normalises_each_half_apart_and_keeps_the_real_halfs_running_st
     xs, xr = torch.rand(8, 1, 28, 28) * 0.2, torch.rand(16, 1, 28, 28)  # unlike statistics
     outputs = {}
     for bn in ("joint", "split"):
-        model = _BNNet().train()
+        model = BNNet().train()
         replay = DreamReplayPlugin(FakeSource([]), bn=bn, verbose=False)
         replay.distill.set_new_teacher(model)  # gives the feature layer
         alone, real_only = copy.deepcopy(model), copy.deepcopy(model)
@@ -600,7 +602,7 @@ def test_split_bn_replay_runs_and_the_flat_field_is_validated(mnist_small):
                                                                         replay_batch_syn=8, replay_batch_real=16),
                                            verbose=False)
     assert replay.config.bn == "split" and ReplayConfig().bn == "joint"
-    strategy = _naive(_BNNet(), [replay])
+    strategy = _naive(BNNet(), [replay])
     for exp in mnist_small.train_stream[:2]:
         strategy.train(exp)
     assert replay.replayed_batches > 0 and replay.stats[1]["isolation_mean"] > 0

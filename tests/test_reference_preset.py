@@ -8,7 +8,7 @@ import torch
 from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin
-from test_plugins import MLP, FakeSource
+from test_plugins import MLP, BNNet, FakeSource
 from torch import nn
 
 from avalanche_drcpsd import CPSDProjection, DRCPSDConfig, DreamReplayPlugin, SeenClassMaskPlugin
@@ -95,16 +95,6 @@ def test_reference_projection_maps_runs_of_L_consecutive_values():
 def test_old_teacher_weight_scales_its_term():
     h, a, b = torch.zeros(2, 4), torch.ones(2, 4), 2 * torch.ones(2, 4)
     assert float(feature_distillation_loss(h, a, h, b, pi=0.5, old_weight=0.5)) == pytest.approx(0.5 * 1 + 0.5 * 4)
-
-
-class BNNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.BatchNorm1d(16), nn.ReLU())
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.head(self.body(x))
 
 
 def test_student_bn_new_keeps_the_new_teachers_running_statistics():
