@@ -18,7 +18,8 @@ generator keeping that many images per class, the ceiling of a benchmark's kept 
 Variants (``benchmarks/replay_variants.json``) set ``DRCPSDConfig`` fields, and ``ExperimentConfig`` fields under
 ``"_experiment"``, on top of the sets' benchmark recipe (the main job's for ``default``, else the CPU profile).
 Each run appends one row to ``<out>/<benchmark>/ablation.csv``: variant, seed, final average accuracy, the
-accuracy of each experience's classes after the last one, replay seconds.
+accuracy of each experience's classes after the last one and of each class (``per_class``: the diagonal of the
+final model's confusion over its rows), replay seconds.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor
 
 from avalanche_drcpsd.data import make_benchmark
+from avalanche_drcpsd.experiments.fidelity import confusion_accuracy, model_confusion
 from avalanche_drcpsd.experiments.run import experience_accuracies
 from avalanche_drcpsd.models import make_classifier
 from avalanche_drcpsd.strategy import DRCPSD
@@ -49,8 +51,10 @@ from generator_quality import experiment_for, load_variants, parse_sets, real_se
 VARIANTS_FILE = os.path.join(HERE, "replay_variants.json")
 #: ``final_average_accuracy``: the mean over the test experiences (the reports' figure); ``final_stream_accuracy``:
 #: over all test images pooled (the only accuracy of rows written before 2026-12-06, then named as the first)
+#: ``per_class``: the accuracy on each class's test images after the last experience (empty in rows written before
+#: 2026-12-06 21:00)
 FIELDS = ["sets", "variant", "seed", "final_average_accuracy", "final_stream_accuracy", "per_experience", "replay_s",
-          "wall_s", "overrides"]
+          "wall_s", "overrides", "per_class"]
 
 
 class KeptSets:
@@ -103,9 +107,13 @@ def run_one(sets: Dict[str, Any], overrides: Dict[str, Any], *, seed: int, data_
         strategy.train(experience)
     results = strategy.eval(benchmark.test_stream)
     per = experience_accuracies(results)
+    counts = model_confusion(strategy.model, [e.dataset.eval() for e in benchmark.test_stream], spec.num_classes,
+                             batch_size=exp.eval_mb_size)
+    per_class = confusion_accuracy(list(range(spec.num_classes)), counts)
     return {"final_average_accuracy": round(float(np.mean(per)), 4),
             "final_stream_accuracy": round(results["Top1_Acc_Stream/eval_phase/test_stream/Task000"], 4),
             "per_experience": json.dumps([round(a, 4) for a in per]),
+            "per_class": json.dumps([round(per_class[k], 4) for k in range(spec.num_classes)]),
             "replay_s": round(strategy.timer.total("replay"), 1),
             "wall_s": round(time.perf_counter() - t0, 1)}
 

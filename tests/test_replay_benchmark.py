@@ -35,6 +35,9 @@ def test_run_one_replays_the_saved_sets_without_a_generator(one_thread):
     assert len(per) == 5 and all(0.0 <= a <= 1.0 for a in per)
     assert row["replay_s"] > 0, "dream replay ran from the saved sets"
     assert row["final_average_accuracy"] == pytest.approx(sum(per) / len(per), abs=1e-4)  # the reports' figure
+    per_class = json.loads(row["per_class"])  # two classes per experience, as many test images each
+    assert len(per_class) == 10
+    assert per == pytest.approx([(a + b) / 2 for a, b in zip(per_class[::2], per_class[1::2])], abs=1e-4)
     assert 0.0 <= row["final_stream_accuracy"] <= 1.0 and set(row) | {"sets", "variant", "seed", "overrides"} == set(
         rq.FIELDS)
 
