@@ -304,3 +304,27 @@ def test_a_bad_replay_setting_is_named_as_the_caller_wrote_it(flat, plugin, mess
         DreamReplayPlugin(None, **plugin)
     with pytest.raises(ConfigError, match=r"unknown DreamReplayPlugin field\(s\) \['replay_grad_clip'\]"):
         DreamReplayPlugin(None, replay_grad_clip=1.0)
+
+
+#: the generator recipe issue 13 gave every CPU profile (kept sets drawn once, EMA weights, no generative
+#: distillation, one attention head); the GPU profiles run it too
+ISSUE13_GENERATOR = {"replay_draw": "once", "generator_ema_decay": 0.999, "generator_distill_weight": 0.0,
+                     "unet_attention_head_dim": 1}
+
+
+@pytest.mark.parametrize("benchmark", ["split_mnist", "split_fmnist", "split_cifar10", "split_gtsrb"])
+def test_every_profile_loads_and_the_gpu_profile_has_the_cpu_profiles_generator_recipe(benchmark):
+    from pathlib import Path
+
+    from avalanche_drcpsd.experiments.run import ExperimentConfig
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    cpu = ExperimentConfig.from_json(str(root / f"{benchmark}_cpu.json")).drcpsd
+    gpu = ExperimentConfig.from_json(str(root / f"{benchmark}_gpu.json")).drcpsd
+    assert gpu.device == "cuda"
+    for name, value in ISSUE13_GENERATOR.items():
+        assert getattr(gpu, name) == value, name
+    if benchmark != "split_cifar10":  # its CPU profile keeps the redraw recipe its committed results used
+        same = ("replay_draw", "generator_ema_decay", "generator_distill_weight", "unet_attention_head_dim",
+                "generator_last_experience", "replay_classes", "guidance_scale", "student_init")
+        assert {n: getattr(gpu, n) for n in same} == {n: getattr(cpu, n) for n in same}
