@@ -71,6 +71,7 @@ from avalanche_drcpsd.experiments.fidelity import (  # noqa: E402
     confusion_accuracy,
     fid_kid,
 )
+from avalanche_drcpsd.experiments.report import annotated_grid  # noqa: E402
 from avalanche_drcpsd.experiments.run import _image_grid, default_experiment  # noqa: E402
 from avalanche_drcpsd.plugins.generator import CPSDGeneratorPlugin  # noqa: E402
 from avalanche_drcpsd.synthetic_cache import to_uint8  # noqa: E402
@@ -265,12 +266,7 @@ def _heat_map(rows: List[Dict[str, Any]], path: str, *, title: str) -> None:
     for r in rows:
         grid[classes.index(r["class"]), exps.index(r["experience"])] = r["cas"]
     fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(exps), 1.0 + 0.32 * len(classes)))
-    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    for i in range(len(classes)):
-        for j in range(len(exps)):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if grid[i, j] > 0.6 else "white")
+    im = annotated_grid(ax, grid, fontsize=7, aspect="auto")
     ax.set_xticks(range(len(exps)), [str(e) for e in exps])
     ax.set_yticks(range(len(classes)), [str(c) for c in classes])
     ax.set_xlabel("after experience")
@@ -292,12 +288,8 @@ def _confusion_plot(confusion: Dict[str, Tensor], classes: List[int], path: str,
     n = len(classes)
     fig, axes = plt.subplots(1, 3, figsize=(3 * (1.4 + 0.38 * n), 1.4 + 0.38 * n))
     for ax, (name, grid, cmap, lo, hi) in zip(axes, panels):
-        im = ax.imshow(grid, vmin=lo, vmax=hi, cmap=cmap)
-        for i in range(n):
-            for j in range(n):
-                if abs(grid[i, j]) >= 0.005:
-                    ax.text(j, i, f"{100 * grid[i, j]:.0f}", ha="center", va="center", fontsize=6,
-                            color="black" if (cmap == "RdBu_r" or grid[i, j] > 0.6) else "white")
+        im = annotated_grid(ax, grid, vmin=lo, vmax=hi, cmap=cmap, fmt=lambda v: f"{100 * v:.0f}",
+                            hide_below=0.005)
         ax.set_xticks(range(n), [str(c) for c in classes])
         ax.set_yticks(range(n), [str(c) for c in classes])
         ax.set_xlabel("taken for")

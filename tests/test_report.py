@@ -319,3 +319,22 @@ def test_index_gathers_every_benchmark_summary_into_one_table(tmp_path):
     assert header == ["| strategy | split_mnist | split_fmnist | split_mnist_fresh |"], "studies follow the benchmarks"
     with pytest.raises(SystemExit):
         report_main([str(tmp_path / "split_mnist"), "--studies"])
+
+
+def test_annotated_grid_writes_finite_cells_and_picks_a_readable_colour():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from avalanche_drcpsd.experiments.report import annotated_grid
+
+    fig, ax = plt.subplots()
+    annotated_grid(ax, np.array([[0.9, np.nan], [0.001, 0.2]]), fmt=lambda v: f"{100 * v:.0f}", hide_below=0.005)
+    texts = {(t.get_position(), t.get_text(), t.get_color()) for t in ax.texts}
+    assert texts == {((0, 0), "90", "black"), ((1, 1), "20", "white")}, "NaN and tiny cells stay blank"
+    fig2, ax2 = plt.subplots()
+    annotated_grid(ax2, np.array([[-0.2, 0.05]]), vmin=-0.3, vmax=0.3, cmap="RdBu_r")
+    assert [(t.get_text(), t.get_color()) for t in ax2.texts] == [("-0.20", "black"), ("0.05", "black")]
+    plt.close(fig)
+    plt.close(fig2)

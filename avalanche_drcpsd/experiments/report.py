@@ -44,7 +44,7 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -54,7 +54,8 @@ from .baselines import STRATEGIES, is_joint
 from .run import CONFUSION
 
 __all__ = ["RunLogs", "load_run", "find_runs", "summarise", "target_checks", "build_report", "plot_accuracy",
-           "plot_accuracy_memory", "plot_sessions", "session_rows", "main", "TARGETS"]
+           "plot_accuracy_memory", "plot_confusion", "annotated_grid", "plot_sessions", "session_rows", "main",
+           "TARGETS"]
 
 STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
 MMD_PREFIX = "RealSynMMD/eval_phase/test_stream/Class"
@@ -322,6 +323,23 @@ def _pyplot():
     return plt
 
 
+def annotated_grid(ax, grid: np.ndarray, *, vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis",
+                   fmt: Callable[[float], str] = "{:.2f}".format, fontsize: float = 6, hide_below: float = 0.0,
+                   aspect: Optional[str] = None):
+    """``grid`` drawn on ``ax`` as an image with each finite cell's value written on it (``fmt``; cells whose
+    magnitude is under ``hide_below`` left blank): black on the light cells of a sequential colour map (values
+    above 0.6 of its range) and on every cell of a diverging one (``vmin < 0``), white on the dark ones. Returns
+    the image (for a colour bar). The accuracy matrix and confusion plots here and the generator benchmark's heat
+    maps share it."""
+    im = ax.imshow(grid, vmin=vmin, vmax=vmax, cmap=cmap, aspect=aspect)
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isnan(v) or abs(v) < hide_below:
+            continue
+        light = vmin < 0 or (v - vmin) > 0.6 * (vmax - vmin)
+        ax.text(j, i, fmt(v), ha="center", va="center", fontsize=fontsize, color="black" if light else "white")
+    return im
+
+
 def plot_accuracy(runs: Dict[str, List[RunLogs]], path: str) -> None:
     """Average accuracy on the experiences seen so far after each experience, per strategy (mean over seeds,
     min-max band; Joint, evaluated once, as a dashed level), written to ``path`` (PNG)."""
@@ -406,12 +424,8 @@ def plot_confusion(runs: Dict[str, List[RunLogs]], path: str) -> bool:
     for ax, (strategy, counts) in zip(axes.flat, shown.items()):
         total = np.sum(counts, axis=0).astype(float)
         share = total / np.maximum(total.sum(1, keepdims=True), 1)
-        ax.imshow(share, vmin=0, vmax=1, cmap="viridis")
-        if share.shape[0] <= 20:
-            for (i, j), v in np.ndenumerate(share):
-                if v >= 0.005:
-                    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=5,
-                            color="w" if v < 0.6 else "k")
+        annotated_grid(ax, share, fmt=lambda v: f"{100 * v:.0f}", fontsize=5,
+                       hide_below=0.005 if share.shape[0] <= 20 else math.inf)
         ax.set_title(f"{strategy} ({len(counts)} seed{'s' * (len(counts) > 1)})", fontsize=8)
         ax.set_xlabel("taken for", fontsize=7)
         ax.set_ylabel("test class", fontsize=7)
@@ -444,10 +458,7 @@ def _plots(runs: Dict[str, List[RunLogs]], out: str, rows: Sequence[Dict[str, ob
         if is_joint(strategy):  # its one evaluation row, after training on all experiences at once
             m = m[~np.isnan(m).all(axis=1)][-1:]
             ax.set_yticks([0], ["all"])
-        ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
-        for (i, j), v in np.ndenumerate(m):
-            if not np.isnan(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
+        annotated_grid(ax, m)
         ax.set_title(strategy, fontsize=9)
         ax.set_xlabel("evaluated on experience")
         ax.set_ylabel("after training on")
