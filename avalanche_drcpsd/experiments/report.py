@@ -438,15 +438,22 @@ def plot_confusion(runs: Dict[str, List[RunLogs]], path: str) -> bool:
     return True
 
 
+def _optional_plot(written: List[str], out: str, name: str, draw: Callable[[str], bool]) -> None:
+    """``draw(<out>/<name>)`` for a plot that only some folders have: its name joins ``written`` when it was drawn;
+    when it was not (no run has what it shows), a copy left from runs since removed is deleted."""
+    path = os.path.join(out, name)
+    if draw(path):
+        written.append(name)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
 def _plots(runs: Dict[str, List[RunLogs]], out: str, rows: Sequence[Dict[str, object]]) -> List[str]:
     plt = _pyplot()
     written = []
     plot_accuracy(runs, os.path.join(out, "accuracy.png"))
     written.append("accuracy.png")
-    if plot_accuracy_memory(rows, os.path.join(out, "accuracy_memory.png")):
-        written.append("accuracy_memory.png")
-    elif os.path.exists(os.path.join(out, "accuracy_memory.png")):  # from runs since removed
-        os.remove(os.path.join(out, "accuracy_memory.png"))
+    _optional_plot(written, out, "accuracy_memory.png", lambda path: plot_accuracy_memory(rows, path))
 
     n = len(runs)
     cols = min(4, n)
@@ -467,10 +474,7 @@ def _plots(runs: Dict[str, List[RunLogs]], out: str, rows: Sequence[Dict[str, ob
     fig.tight_layout()
     _save_png(fig, os.path.join(out, "accuracy_matrix.png"))
     written.append("accuracy_matrix.png")
-    if plot_confusion(runs, os.path.join(out, "confusion.png")):
-        written.append("confusion.png")
-    elif os.path.exists(os.path.join(out, "confusion.png")):  # from runs since removed
-        os.remove(os.path.join(out, "confusion.png"))
+    _optional_plot(written, out, "confusion.png", lambda path: plot_confusion(runs, path))
 
     for attr, label, png in (("mmd_gap", "real-vs-synthetic MMD (mean over classes)", "mmd_gap.png"),
                              ("fid", "real-vs-synthetic FID (project extractor)", "fid.png"),
