@@ -243,6 +243,11 @@ class DRCPSDConfig:
     generator_last_experience: str = "train"
     #: probability of replacing the condition by the empty prompt's embedding (classifier-free guidance).
     cond_dropout: float = 0.1
+    #: *package*: offset noise in the generator phase (diffusers' training scripts' ``--noise_offset``, Guttenberg
+    #: 2023): each training image's noise gains ``generator_noise_offset`` times one normal draw per image and colour
+    #: channel, constant over the image (:meth:`~avalanche_drcpsd.generator.Generator.constant_noise`), so the
+    #: denoiser learns to move an image's overall brightness, which white noise alone barely perturbs. 0: none.
+    generator_noise_offset: float = 0.0
 
     # --- sampling -------------------------------------------------------------------------------------
     #: ``dpm`` (DPM-Solver++ 2M), *package* ``dpm_sde`` (its stochastic form: fresh noise at every step, from
@@ -447,7 +452,7 @@ class DRCPSDConfig:
         d = _number("generator_ema_decay", self.generator_ema_decay)
         if not 0.0 <= d < 1.0:
             raise ConfigError(f"generator_ema_decay={d!r} must be in [0, 1) (0: no EMA)")
-        for name in ("lambda_mmd", "generator_distill_weight", "cpsd_weight_decay"):
+        for name in ("lambda_mmd", "generator_distill_weight", "cpsd_weight_decay", "generator_noise_offset"):
             _non_negative(name, getattr(self, name))
         for name in ("cond_dropout",):
             v = _number(name, getattr(self, name))

@@ -188,13 +188,24 @@ class Generator(nn.Module, abc.ABC):
         """Images in [0, 1] for conditions ``cond`` with classifier-free guidance against ``null`` (at the steps
         of ``guidance_interval`` only, :func:`guided_denoise`)."""
 
-    def noisy(self, z0: Tensor, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        """``(z_t, noise, t)`` for uniformly drawn timesteps."""
+    def noisy(self, z0: Tensor, generator: Optional[torch.Generator] = None, *,
+              offset: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(z_t, noise, t)`` for uniformly drawn timesteps; ``offset`` > 0 adds ``offset`` times
+        :meth:`constant_noise` to the noise (offset noise; nothing more is drawn at 0)."""
         b = z0.shape[0]
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
         t = t.to(z0.device)
-        noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
+        noise = torch.randn(z0.shape, generator=generator)
+        if offset:
+            noise = noise + offset * self.constant_noise(z0.shape, generator)
+        noise = noise.to(z0.device, z0.dtype)
         return self.noise_scheduler.add_noise(z0, noise, t), noise, t
+
+    def constant_noise(self, shape: Sequence[int], generator: Optional[torch.Generator] = None) -> Tensor:
+        """Normal noise of ``shape`` ``(B, C, H, W)`` (model space) that is constant over each image's pixels: one
+        draw per image and model channel (diffusers' ``--noise_offset``, for latents). A model space whose channels
+        are not colours overrides it."""
+        return torch.randn(tuple(shape[:2]) + (1,) * (len(shape) - 2), generator=generator).expand(*shape)
 
     def snr(self, timesteps: Tensor) -> Tensor:
         return snr_from_alphas_cumprod(self.alphas_cumprod, timesteps)
@@ -276,6 +287,14 @@ class DiffusionGenerator(Generator):
         s = self.spec.model_size
         top, left = (s - h) // 2, (s - w) // 2
         x = F.pad(x, (left, s - w - left, top, s - h - top), value=-1.0)
+        return F.pixel_unshuffle(x, self.spec.patch_size) if self.spec.patch_size > 1 else x
+
+    def constant_noise(self, shape: Sequence[int], generator: Optional[torch.Generator] = None) -> Tensor:
+        """One normal draw per image and colour channel, constant over the (padded) image, in model space: a patch's
+        channels are its pixels, so the draw is made in pixel space and patched like an image."""
+        c = self.spec.image_shape[0]
+        s = self.spec.model_size
+        x = torch.randn((shape[0], c, 1, 1), generator=generator).expand(-1, -1, s, s)
         return F.pixel_unshuffle(x, self.spec.patch_size) if self.spec.patch_size > 1 else x
 
     def decode(self, z: Tensor) -> Tensor:

@@ -109,7 +109,7 @@ def train_generator(gen: Generator, images: Tensor, labels: Tensor, cond_new: Di
         pick = real_idx[torch.randint(len(real_idx), (b_new,), generator=rng)]
         x = images[pick].to(device)
         cond = drop_conditions(emb_new[lookup_new[labels[pick]].to(device)], null, c.cond_dropout, rng)
-        z_t, noise, t = gen.noisy(gen.encode(x), rng)
+        z_t, noise, t = gen.noisy(gen.encode(x), rng, offset=c.generator_noise_offset)
         loss_new = ldm_loss(gen.predict_noise(z_t, t, cond), noise, gen.snr(t), c.snr_gamma)
         loss = loss_new * w_new
         if distill is not None:
@@ -123,7 +123,7 @@ def train_generator(gen: Generator, images: Tensor, labels: Tensor, cond_new: Di
                 cls = distill.labels[pick]
                 z0 = gen.encode(distill.images[pick].to(device))
             cond_o = drop_conditions(emb_old[lookup_old[cls].to(device)], null, c.cond_dropout, rng)
-            z_t, noise_o, t = gen.noisy(z0, rng)
+            z_t, noise_o, t = gen.noisy(z0, rng, offset=c.generator_noise_offset)
             pred_o = gen.predict_noise(z_t, t, cond_o)
             if distill.loss == "ldm":
                 loss_gd = ldm_loss(pred_o, noise_o, gen.snr(t), c.snr_gamma)

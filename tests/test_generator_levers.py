@@ -43,7 +43,7 @@ def _flat(module):
     ("generator_lr_schedule", "linear"), ("generator_ema_decay", 1.0), ("generator_ema_decay", -0.1),
     ("generator_grad_clip", 0.0), ("generator_teacher_steps", 0), ("generator_warmup_steps", -1),
     ("replay_classes", "all"), ("generator_first_steps", 1.5), ("generator_memory_format", "nhwc"),
-    ("generator_replay_loss", "mse"),
+    ("generator_replay_loss", "mse"), ("generator_noise_offset", -0.1),
 ])
 def test_bad_lever_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
@@ -246,6 +246,40 @@ def test_lr_schedule_and_clipping_change_the_training(mnist_small, one_thread):
         results[name] = _flat(plugin.generator.unet)
     assert not torch.equal(results["plain"], results["cosine"])
     assert not torch.equal(results["plain"], results["clip"])
+
+
+def test_offset_noise_is_constant_over_each_image_in_pixel_space_and_changes_the_training(mnist_small, one_thread):
+    from avalanche_drcpsd.generator import DiffusionGenerator
+
+    gen = DiffusionGenerator.build(image_shape=(1, 28, 28), cross_attention_dim=8, block_out_channels=(8, 16),
+                                   attention_head_dim=1, patch_size=2)
+    z0 = gen.encode(torch.rand(3, 1, 28, 28))
+    offset = gen.constant_noise(z0.shape, torch.Generator().manual_seed(0))
+    assert offset.shape == z0.shape
+    pixels = torch.nn.functional.pixel_shuffle(offset, 2)  # back to the padded image
+    assert torch.allclose(pixels, pixels[:, :, :1, :1].expand_as(pixels))  # one value per image ...
+    assert pixels[:, 0, 0, 0].unique().numel() == 3  # ... and a different one for each image
+    # offset 0 draws nothing more, so a run without it keeps its random stream
+    a = gen.noisy(z0, torch.Generator().manual_seed(1))
+    b = gen.noisy(z0, torch.Generator().manual_seed(1), offset=0.0)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    _, noise, _ = gen.noisy(z0, torch.Generator().manual_seed(1), offset=0.5)
+    assert torch.allclose(noise - a[1], 0.5 * gen.constant_noise(z0.shape, _stream_after_noise(z0, 1)))
+    x, y = _exp_tensors(mnist_small, 0)
+    results = {}
+    for name, extra in {"plain": {}, "offset": {"generator_noise_offset": 0.1}}.items():
+        plugin = _plugin(generator_steps=3, seed=3, **extra)
+        plugin.learn_classes(x, y)
+        results[name] = _flat(plugin.generator.unet)
+    assert not torch.equal(results["plain"], results["offset"])
+
+
+def _stream_after_noise(z0, seed):
+    """The random stream of ``noisy`` after its timesteps and white noise are drawn."""
+    g = torch.Generator().manual_seed(seed)
+    torch.randint(0, 1000, (z0.shape[0],), generator=g)
+    torch.randn(z0.shape, generator=g)
+    return g
 
 
 def test_replay_draw_once_keeps_each_class_set(mnist_small, one_thread):
