@@ -47,6 +47,7 @@ from avalanche_drcpsd.strategy import DRCPSD
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from generator_quality import experiment_for, load_variants, parse_sets, real_sets  # noqa: E402  (a sibling script)
+from kept_set_stats import binomial_blur  # noqa: E402
 
 VARIANTS_FILE = os.path.join(HERE, "replay_variants.json")
 #: ``final_average_accuracy``: the mean over the test experiences (the reports' figure); ``final_stream_accuracy``:
@@ -77,9 +78,19 @@ class KeptSets:
         return x, y
 
 
+class InputBlur(torch.nn.Module):
+    """A fixed 3x3 binomial low-pass (``kept_set_stats.binomial_blur``) in front of a classifier's own input
+    normalisation: it sees training and test images alike without their finest texture."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return binomial_blur(x)
+
+
 def run_one(sets: Dict[str, Any], overrides: Dict[str, Any], *, seed: int, data_root: str,
-            verbose: bool = False) -> Dict[str, Any]:
-    """One continual run of the classifier side on ``sets``; returns the final and per-experience accuracies."""
+            verbose: bool = False, input_blur: bool = False) -> Dict[str, Any]:
+    """One continual run of the classifier side on ``sets``; returns the final and per-experience accuracies.
+    ``input_blur``: the classifier sees every image through :class:`InputBlur` (a diagnostic of whether the kept
+    sets' fine texture is what a classifier tells them from real images by)."""
     from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.training.plugins import EvaluationPlugin
 
@@ -95,6 +106,8 @@ def run_one(sets: Dict[str, Any], overrides: Dict[str, Any], *, seed: int, data_
     benchmark = make_benchmark(exp.benchmark, exp.data_root, seed=seed, **exp.benchmark_args)
     spec = benchmark.spec
     model = make_classifier(exp.classifier, num_classes=spec.num_classes, image_shape=spec.image_shape)
+    if input_blur:
+        model.normalize = torch.nn.Sequential(InputBlur(), model.normalize)
     strategy = DRCPSD(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=exp.lr, momentum=exp.momentum),
                       config=cfg, class_names=benchmark.class_names, verbose=verbose,
                       train_mb_size=exp.train_mb_size, train_epochs=exp.train_epochs, eval_mb_size=exp.eval_mb_size,
@@ -144,6 +157,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--out", default="results/replay")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--input-blur", action="store_true",
+                        help="the classifier sees every image (training and test) through a 3x3 binomial blur; "
+                             "the variant is named with +input_blur")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = load_variants(VARIANTS_FILE)
@@ -173,10 +189,10 @@ def main(argv=None) -> int:
     out = os.path.join(args.out, sets["benchmark"], "ablation.csv")
     for v in names:
         overrides = {**variants[v], **extra}
-        name = v + "".join(f"+{item}" for item in sorted(args.set))
+        name = v + "".join(f"+{item}" for item in sorted(args.set)) + ("+input_blur" if args.input_blur else "")
         accs: List[float] = []
         for seed in seeds:
-            row = run_one(sets, overrides, seed=seed, data_root=args.data_root)
+            row = run_one(sets, overrides, seed=seed, data_root=args.data_root, input_blur=args.input_blur)
             row = {"sets": label, "variant": name, "seed": seed, **row,
                    "overrides": json.dumps(overrides, sort_keys=True)}
             append_row(out, row)

@@ -59,3 +59,19 @@ def test_real_sets_are_training_images_of_every_class_in_the_sets_format():
     with pytest.raises(ValueError, match="n_per_class=100000, but default has only"):
         gq.real_sets("default", 100000, seed=0, data_root="")
 
+
+
+def test_input_blur_puts_the_low_pass_in_front_of_the_classifier(one_thread, monkeypatch):
+    rq = benchmark_module("replay_quality")
+    built = []
+    make = rq.make_classifier
+    monkeypatch.setattr(rq, "make_classifier", lambda *a, **k: built.append(make(*a, **k)) or built[-1])
+    images, labels = _sets(n_per_class=8)
+    sets = {"images": images, "labels": labels, "benchmark": "default"}
+    row = rq.run_one(sets, {"replay_epochs": 1, "n_replay_per_class": 8, "_experiment": {"train_epochs": 1}}, seed=0,
+                     data_root="", input_blur=True)
+    assert 0.0 <= row["final_average_accuracy"] <= 1.0
+    front = built[0].normalize[0]
+    assert isinstance(front, rq.InputBlur)
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(front(x), benchmark_module("kept_set_stats").binomial_blur(x))
