@@ -24,8 +24,9 @@ def test_separability_tells_apart_what_differs_and_not_what_does_not(one_thread)
     brighter = same + 0.4
     assert ks.separability(brighter, real, seed=0, epochs=3) > 0.95
     assert ks.separability(same, real, seed=0, epochs=3) < 0.7
-    with pytest.raises(ValueError, match="needs 500 images"):
-        ks.separability(same[:10], real, seed=0)
+    with pytest.raises(ValueError, match="at least 10 images.*got 9 synthetic"):
+        ks.separability(same[:9], real, seed=0)
+    assert 0.0 <= ks.separability(brighter[:50], real, seed=0, epochs=1) <= 1.0  # a set of 50: 40 + 40 to train
 
 
 def test_binomial_blur_keeps_a_constant_image_and_smooths_a_point():
