@@ -87,12 +87,14 @@ class InputBlur(torch.nn.Module):
 
 
 def run_one(sets: Dict[str, Any], overrides: Dict[str, Any], *, seed: int, data_root: str,
-            verbose: bool = False, input_blur: bool = False) -> Dict[str, Any]:
+            verbose: bool = False, input_blur: bool = False, lwf: float = 0.0) -> Dict[str, Any]:
     """One continual run of the classifier side on ``sets``; returns the final and per-experience accuracies.
     ``input_blur``: the classifier sees every image through :class:`InputBlur` (a diagnostic of whether the kept
-    sets' fine texture is what a classifier tells them from real images by)."""
+    sets' fine texture is what a classifier tells them from real images by). ``lwf`` > 0: Avalanche's
+    ``LwFPlugin(alpha=lwf, temperature=2)`` joins the strategy, so the classifier phase's CE on the real images
+    is regularised towards the previous experience's model on those images (dream replay itself unchanged)."""
     from avalanche.evaluation.metrics import accuracy_metrics
-    from avalanche.training.plugins import EvaluationPlugin
+    from avalanche.training.plugins import EvaluationPlugin, LwFPlugin
 
     overrides = dict(overrides)
     top = overrides.pop("_experiment", {})
@@ -110,6 +112,7 @@ def run_one(sets: Dict[str, Any], overrides: Dict[str, Any], *, seed: int, data_
         model.normalize = torch.nn.Sequential(InputBlur(), model.normalize)
     strategy = DRCPSD(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=exp.lr, momentum=exp.momentum),
                       config=cfg, class_names=benchmark.class_names, verbose=verbose,
+                      plugins=[LwFPlugin(alpha=lwf, temperature=2)] if lwf > 0 else None,
                       train_mb_size=exp.train_mb_size, train_epochs=exp.train_epochs, eval_mb_size=exp.eval_mb_size,
                       evaluator=EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[]))
     # the generator phases are skipped: dream replay draws from the saved sets
@@ -160,7 +163,12 @@ def main(argv=None) -> int:
     parser.add_argument("--input-blur", action="store_true",
                         help="the classifier sees every image (training and test) through a 3x3 binomial blur; "
                              "the variant is named with +input_blur")
+    parser.add_argument("--lwf", type=float, default=0.0, metavar="ALPHA",
+                        help="add Avalanche's LwFPlugin(alpha=ALPHA, temperature=2): the classifier phase distils "
+                             "the previous model's logits on the real images; the variant is named with +lwf=ALPHA")
     args = parser.parse_args(argv)
+    if not args.lwf >= 0:
+        parser.error(f"--lwf {args.lwf}: expected a weight >= 0 (0: off)")
     torch.set_num_threads(args.threads)
     variants = load_variants(VARIANTS_FILE)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -189,10 +197,12 @@ def main(argv=None) -> int:
     out = os.path.join(args.out, sets["benchmark"], "ablation.csv")
     for v in names:
         overrides = {**variants[v], **extra}
-        name = v + "".join(f"+{item}" for item in sorted(args.set)) + ("+input_blur" if args.input_blur else "")
+        name = v + "".join(f"+{item}" for item in sorted(args.set)) + ("+input_blur" if args.input_blur else "") \
+            + (f"+lwf={args.lwf:g}" if args.lwf > 0 else "")
         accs: List[float] = []
         for seed in seeds:
-            row = run_one(sets, overrides, seed=seed, data_root=args.data_root, input_blur=args.input_blur)
+            row = run_one(sets, overrides, seed=seed, data_root=args.data_root, input_blur=args.input_blur,
+                          lwf=args.lwf)
             row = {"sets": label, "variant": name, "seed": seed, **row,
                    "overrides": json.dumps(overrides, sort_keys=True)}
             append_row(out, row)

@@ -75,3 +75,24 @@ def test_input_blur_puts_the_low_pass_in_front_of_the_classifier(one_thread, mon
     assert isinstance(front, rq.InputBlur)
     x = torch.rand(2, 1, 28, 28)
     assert torch.equal(front(x), benchmark_module("kept_set_stats").binomial_blur(x))
+
+
+def test_lwf_joins_after_dream_replay_and_keeps_the_student_as_its_previous_model(one_thread, monkeypatch):
+    from avalanche.training.plugins import LwFPlugin
+
+    rq = benchmark_module("replay_quality")
+    built = []
+    make = rq.DRCPSD
+    monkeypatch.setattr(rq, "DRCPSD", lambda *a, **k: built.append(make(*a, **k)) or built[-1])
+    images, labels = _sets(n_per_class=8)
+    sets = {"images": images, "labels": labels, "benchmark": "default"}
+    rq.run_one(sets, {"replay_epochs": 1, "n_replay_per_class": 8, "_experiment": {"train_epochs": 1}}, seed=0,
+               data_root="", lwf=1.0)
+    strategy = built[0]
+    lwf = [p for p in strategy.plugins if isinstance(p, LwFPlugin)]
+    assert len(lwf) == 1 and strategy.plugins.index(lwf[0]) > strategy.plugins.index(strategy.replay_plugin)
+    # its snapshot is taken after dream replay: the model it distils from next is the replay's student
+    previous = lwf[0].lwf.prev_model.state_dict()
+    assert all(torch.equal(previous[k], v) for k, v in strategy.model.state_dict().items())
+    with pytest.raises(SystemExit):
+        rq.main(["--real", "default", "--lwf", "-1"])
