@@ -61,15 +61,22 @@ def test_real_sets_are_training_images_of_every_class_in_the_sets_format():
 
 
 
-def test_input_blur_puts_the_low_pass_in_front_of_the_classifier(one_thread, monkeypatch):
-    rq = benchmark_module("replay_quality")
+def _tiny_run_keeping(rq, monkeypatch, factory: str, **options):
+    """One tiny ``run_one`` of the loaded ``replay_quality`` module ``rq`` on the embedded data; returns its row and
+    the objects that the module's ``factory`` (a name in it, e.g. ``make_classifier``) built during the run."""
     built = []
-    make = rq.make_classifier
-    monkeypatch.setattr(rq, "make_classifier", lambda *a, **k: built.append(make(*a, **k)) or built[-1])
+    make = getattr(rq, factory)
+    monkeypatch.setattr(rq, factory, lambda *a, **k: built.append(make(*a, **k)) or built[-1])
     images, labels = _sets(n_per_class=8)
     sets = {"images": images, "labels": labels, "benchmark": "default"}
     row = rq.run_one(sets, {"replay_epochs": 1, "n_replay_per_class": 8, "_experiment": {"train_epochs": 1}}, seed=0,
-                     data_root="", input_blur=True)
+                     data_root="", **options)
+    return row, built
+
+
+def test_input_blur_puts_the_low_pass_in_front_of_the_classifier(one_thread, monkeypatch):
+    rq = benchmark_module("replay_quality")
+    row, built = _tiny_run_keeping(rq, monkeypatch, "make_classifier", input_blur=True)
     assert 0.0 <= row["final_average_accuracy"] <= 1.0
     front = built[0].normalize[0]
     assert isinstance(front, rq.InputBlur)
@@ -81,13 +88,7 @@ def test_lwf_joins_after_dream_replay_and_keeps_the_student_as_its_previous_mode
     from avalanche.training.plugins import LwFPlugin
 
     rq = benchmark_module("replay_quality")
-    built = []
-    make = rq.DRCPSD
-    monkeypatch.setattr(rq, "DRCPSD", lambda *a, **k: built.append(make(*a, **k)) or built[-1])
-    images, labels = _sets(n_per_class=8)
-    sets = {"images": images, "labels": labels, "benchmark": "default"}
-    rq.run_one(sets, {"replay_epochs": 1, "n_replay_per_class": 8, "_experiment": {"train_epochs": 1}}, seed=0,
-               data_root="", lwf=1.0)
+    _, built = _tiny_run_keeping(rq, monkeypatch, "DRCPSD", lwf=1.0)
     strategy = built[0]
     lwf = [p for p in strategy.plugins if isinstance(p, LwFPlugin)]
     assert len(lwf) == 1 and strategy.plugins.index(lwf[0]) > strategy.plugins.index(strategy.replay_plugin)
