@@ -1,6 +1,7 @@
 """benchmarks/replay_quality.py: the classifier side alone on saved synthetic sets."""
 
 import json
+from typing import Optional
 
 import pytest
 import torch
@@ -25,12 +26,24 @@ def test_kept_sets_give_the_first_images_of_each_class_in_0_1():
         rq.KeptSets(images.float(), labels)
 
 
-def test_run_one_replays_the_saved_sets_without_a_generator(one_thread):
-    rq = benchmark_module("replay_quality")
+def _tiny_run(rq, monkeypatch=None, factory: Optional[str] = None, **options):
+    """One tiny ``run_one`` of the loaded ``replay_quality`` module ``rq`` on the embedded data; returns its row and
+    the objects that the module's ``factory`` (a name in it, e.g. ``make_classifier``; none if None) built during
+    the run."""
+    built = []
+    if factory is not None:
+        make = getattr(rq, factory)
+        monkeypatch.setattr(rq, factory, lambda *a, **k: built.append(make(*a, **k)) or built[-1])
     images, labels = _sets(n_per_class=8)
     sets = {"images": images, "labels": labels, "benchmark": "default"}
     row = rq.run_one(sets, {"replay_epochs": 1, "n_replay_per_class": 8, "_experiment": {"train_epochs": 1}}, seed=0,
-                     data_root="")
+                     data_root="", **options)
+    return row, built
+
+
+def test_run_one_replays_the_saved_sets_without_a_generator(one_thread):
+    rq = benchmark_module("replay_quality")
+    row, _ = _tiny_run(rq)
     per = json.loads(row["per_experience"])
     assert len(per) == 5 and all(0.0 <= a <= 1.0 for a in per)
     assert row["replay_s"] > 0, "dream replay ran from the saved sets"
@@ -60,23 +73,9 @@ def test_real_sets_are_training_images_of_every_class_in_the_sets_format():
         gq.real_sets("default", 100000, seed=0, data_root="")
 
 
-
-def _tiny_run_keeping(rq, monkeypatch, factory: str, **options):
-    """One tiny ``run_one`` of the loaded ``replay_quality`` module ``rq`` on the embedded data; returns its row and
-    the objects that the module's ``factory`` (a name in it, e.g. ``make_classifier``) built during the run."""
-    built = []
-    make = getattr(rq, factory)
-    monkeypatch.setattr(rq, factory, lambda *a, **k: built.append(make(*a, **k)) or built[-1])
-    images, labels = _sets(n_per_class=8)
-    sets = {"images": images, "labels": labels, "benchmark": "default"}
-    row = rq.run_one(sets, {"replay_epochs": 1, "n_replay_per_class": 8, "_experiment": {"train_epochs": 1}}, seed=0,
-                     data_root="", **options)
-    return row, built
-
-
 def test_input_blur_puts_the_low_pass_in_front_of_the_classifier(one_thread, monkeypatch):
     rq = benchmark_module("replay_quality")
-    row, built = _tiny_run_keeping(rq, monkeypatch, "make_classifier", input_blur=True)
+    row, built = _tiny_run(rq, monkeypatch, "make_classifier", input_blur=True)
     assert 0.0 <= row["final_average_accuracy"] <= 1.0
     front = built[0].normalize[0]
     assert isinstance(front, rq.InputBlur)
@@ -88,7 +87,7 @@ def test_lwf_joins_after_dream_replay_and_keeps_the_student_as_its_previous_mode
     from avalanche.training.plugins import LwFPlugin
 
     rq = benchmark_module("replay_quality")
-    _, built = _tiny_run_keeping(rq, monkeypatch, "DRCPSD", lwf=1.0)
+    _, built = _tiny_run(rq, monkeypatch, "DRCPSD", lwf=1.0)
     strategy = built[0]
     lwf = [p for p in strategy.plugins if isinstance(p, LwFPlugin)]
     assert len(lwf) == 1 and strategy.plugins.index(lwf[0]) > strategy.plugins.index(strategy.replay_plugin)
