@@ -329,3 +329,31 @@ def test_every_profile_loads_and_the_gpu_profile_has_the_cpu_profiles_generator_
                 "generator_last_experience", "replay_classes", "guidance_scale", "student_init",
                 "generator_noise_offset")
         assert {n: getattr(gpu, n) for n in same} == {n: getattr(cpu, n) for n in same}
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_every_classifier_name_builds_a_net_that_ends_in_its_feature_head(shape):
+    """Each ``ExperimentConfig.classifier`` name is accepted and built by ``make_classifier`` into a net whose last
+    ``nn.Linear`` (the head feature distillation reads the input of) maps its features to the classes; a name
+    outside the list is refused before anything is built, with the list."""
+    import torch
+
+    from avalanche_drcpsd.experiments.run import CLASSIFIERS, ExperimentConfig
+    from avalanche_drcpsd.models import make_classifier
+
+    widths = {}
+    for name in CLASSIFIERS:
+        assert ExperimentConfig(classifier=name).classifier == name
+        torch.manual_seed(0)
+        net = make_classifier(name, num_classes=7, image_shape=shape).eval()
+        head = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+        assert head.out_features == 7
+        with torch.no_grad():
+            assert net(torch.rand(2, *shape)).shape == (2, 7)
+        widths[name] = (head.in_features, next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).out_channels)
+    assert widths["small_cnn"] == (128, 32)
+    assert widths["wide_cnn"] == (256, 64)
+    with pytest.raises(ConfigError, match=re.escape("classifier='wide'; expected one of ['small_cnn', 'wide_cnn'")):
+        ExperimentConfig(classifier="wide")
+    with pytest.raises(ValueError, match="classifier='wide'; expected 'small_cnn', 'wide_cnn' or 'resnet18'"):
+        make_classifier("wide", num_classes=7, image_shape=shape)

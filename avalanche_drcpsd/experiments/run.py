@@ -144,7 +144,7 @@ class ExperimentConfig:
 
 #: names accepted by :func:`avalanche_drcpsd.data.make_benchmark` and :func:`avalanche_drcpsd.models.make_classifier`
 BENCHMARK_NAMES = BENCHMARKS
-CLASSIFIERS = ("small_cnn", "resnet18")
+CLASSIFIERS = ("small_cnn", "wide_cnn", "resnet18")
 
 
 def _short(value: Any) -> str:
