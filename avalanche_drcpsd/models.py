@@ -9,7 +9,10 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet18
 
-__all__ = ["SmallCNN", "ResNet18CIFAR", "make_classifier"]
+__all__ = ["SmallCNN", "ResNet18CIFAR", "make_classifier", "CLASSIFIERS"]
+
+#: the names :func:`make_classifier` builds (``ExperimentConfig.classifier`` accepts these)
+CLASSIFIERS = ("small_cnn", "wide_cnn", "resnet18")
 
 
 class _Normalize(nn.Module):
@@ -68,4 +71,5 @@ def make_classifier(name: str, *, num_classes: int, image_shape: Sequence[int]) 
         return SmallCNN(num_classes=num_classes, in_channels=c, image_size=h, width=64, feature_dim=256)
     if name == "resnet18":
         return ResNet18CIFAR(num_classes=num_classes, in_channels=c)
-    raise ValueError(f"classifier={name!r}; expected 'small_cnn', 'wide_cnn' or 'resnet18'")
+    names = ", ".join(repr(n) for n in CLASSIFIERS[:-1]) + f" or {CLASSIFIERS[-1]!r}"
+    raise ValueError(f"classifier={name!r}; expected {names}")

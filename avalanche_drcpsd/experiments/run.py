@@ -35,6 +35,7 @@ import torch
 
 from ..config import ConfigError, DRCPSDConfig, build_from_fields, check_device, read_json
 from ..data import BENCHMARKS
+from ..models import CLASSIFIERS
 from ..utils import atomic_write, atomic_write_csv, atomic_write_text
 from .baselines import (
     STRATEGIES,
@@ -142,9 +143,9 @@ class ExperimentConfig:
         return d
 
 
-#: names accepted by :func:`avalanche_drcpsd.data.make_benchmark` and :func:`avalanche_drcpsd.models.make_classifier`
+#: names accepted by :func:`avalanche_drcpsd.data.make_benchmark` (and, imported above, ``CLASSIFIERS``: those of
+#: :func:`avalanche_drcpsd.models.make_classifier`)
 BENCHMARK_NAMES = BENCHMARKS
-CLASSIFIERS = ("small_cnn", "wide_cnn", "resnet18")
 
 
 def _short(value: Any) -> str:
