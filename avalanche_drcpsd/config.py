@@ -59,6 +59,7 @@ CHOICES = {
     "generator_distill_source": ("pool", "fresh"),
     "generator_replay_loss": ("distill", "ldm"),
     "replay_draw": ("redraw", "once"),
+    "replay_pixel_match": ("none", "class_histogram"),
     "replay_classes": ("old", "seen"),
     "replay_filter": ("none", "teacher"),
     "generator_memory_format": ("contiguous", "channels_last"),
@@ -98,7 +99,8 @@ REFERENCE: Dict[str, Any] = {
     "cpsd_max_images_per_class": None, "cpsd_augment": "reference", "lambda_mmd": 0.003, "mmd_kind": "mean",
     "snr_gamma": 5.0, "cpsd_order": "before_generator",
     "sampler": "dpm", "sampling_steps": 20, "guidance_scale": (5.0, 9.0), "guidance_draw": "batch",
-    "replay_draw": "once", "replay_classes": "seen", "replay_filter": "none", "n_replay_per_class": 6000,
+    "replay_draw": "once", "replay_pixel_match": "none", "replay_classes": "seen", "replay_filter": "none",
+    "n_replay_per_class": 6000,
     "replay_augment": "reference", "replay_bn": "joint", "replay_epochs": 1, "replay_epoch_length": "shorter",
     "replay_min_steps": 0,
     "replay_batch_real": 16, "replay_batch_syn": 16, "rehearsal_batch_syn": 0, "replay_lr": None,
@@ -276,6 +278,14 @@ class DRCPSDConfig:
     #: generator forgets, the sets it drew right after learning a class do not (``results/generator/README.md``,
     #: ``once_ema_heads1`` against ``profile``; ``results/split_mnist/notes.md``).
     replay_draw: str = "once"
+    #: *package*: ``class_histogram`` maps each class's drawn replay set, channel by channel, onto the pixel-value
+    #: histogram of that class's real training images, recorded in the generator phase that learned it (2 KB per
+    #: class, counted with the kept sets in the run's memory; :mod:`avalanche_drcpsd.histogram`). The offline
+    #: generator's sets are brighter and hazier than the real images, and a classifier tells them apart; matched,
+    #: they are harder to tell apart, which is what lets old classes' sets be rehearsed in the classifier phase
+    #: (``rehearsal_batch_syn``; ``results/replay/README.md``, "Histogram-matched kept sets"). ``none`` (the
+    #: reference): the sets as the generator drew them.
+    replay_pixel_match: str = "none"
 
     # --- dream replay ---------------------------------------------------------------------------------
     #: which classes the synthetic half of the replay batches holds: ``old`` (the classes of earlier experiences,

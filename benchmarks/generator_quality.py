@@ -178,7 +178,7 @@ def run_variant(benchmark_name: str, variant: str, overrides: Dict[str, Any], *,
             new = [k for k in seen if k not in alt_kept[alt]]
             plugin.config = base_config.replace(**fields)
             t1 = time.perf_counter()
-            xa, ya = plugin.sample(new, plugin.config.n_replay_per_class, desc=f"{alt} draw")
+            xa, ya = plugin.match_pixels(*plugin.sample(new, plugin.config.n_replay_per_class, desc=f"{alt} draw"))
             draw_s = time.perf_counter() - t1
             plugin.config = base_config
             for k in new:

@@ -38,11 +38,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from avalanche_drcpsd import CPSDGeneratorPlugin
 from avalanche_drcpsd.data import make_benchmark
 from avalanche_drcpsd.experiments.fidelity import confusion_accuracy, model_confusion
 from avalanche_drcpsd.experiments.run import experience_accuracies
+from avalanche_drcpsd.histogram import match_histogram, pixel_histogram
 from avalanche_drcpsd.models import make_classifier
 from avalanche_drcpsd.strategy import DRCPSD
+from avalanche_drcpsd.synthetic_cache import to_uint8
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -86,6 +89,21 @@ class InputBlur(torch.nn.Module):
         return binomial_blur(x)
 
 
+def match_kept_sets(images: Tensor, labels: Tensor, plugin: CPSDGeneratorPlugin, stream: Sequence[Any]) -> Tensor:
+    """``replay_pixel_match="class_histogram"`` on saved sets (uint8): each class's set matched to the pixel
+    histogram of its real training images, read from the experience of ``stream`` that holds the class, as the
+    generator plugin records it in the phase that learns the class and applies it when it draws the set."""
+    out = images.clone()
+    for experience in stream:
+        plugin.check_inputs(experience.dataset.eval(), f"experience {experience.current_experience}")
+        x, y = plugin.experience_pixels(experience)
+        for k in y.unique().tolist():
+            rows = labels == k
+            if rows.any():
+                out[rows] = to_uint8(match_histogram(images[rows].float() / 255, pixel_histogram(x[y == k])))
+    return out
+
+
 def run_one(sets: Dict[str, Any], overrides: Dict[str, Any], *, seed: int, data_root: str,
             verbose: bool = False, input_blur: bool = False, lwf: float = 0.0) -> Dict[str, Any]:
     """One continual run of the classifier side on ``sets``; returns the final and per-experience accuracies.
@@ -115,9 +133,12 @@ def run_one(sets: Dict[str, Any], overrides: Dict[str, Any], *, seed: int, data_
                       plugins=[LwFPlugin(alpha=lwf, temperature=2)] if lwf > 0 else None,
                       train_mb_size=exp.train_mb_size, train_epochs=exp.train_epochs, eval_mb_size=exp.eval_mb_size,
                       evaluator=EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[]))
+    images = sets["images"]
+    if cfg.replay_pixel_match == "class_histogram":  # as the generator plugin matches each set it draws
+        images = match_kept_sets(images, sets["labels"], strategy.generator_plugin, benchmark.train_stream)
     # the generator phases are skipped: dream replay draws from the saved sets
     strategy.plugins.remove(strategy.generator_plugin)
-    strategy.replay_plugin.source = KeptSets(sets["images"], sets["labels"])
+    strategy.replay_plugin.source = KeptSets(images, sets["labels"])
     t0 = time.perf_counter()
     for experience in benchmark.train_stream:
         strategy.train(experience)

@@ -79,6 +79,10 @@ def test_drcpsd_breakdown_sums_to_its_total_and_counts_kept_sets():
     assert after["real_images"] == 0, "DR-CPSD stores no real image whatever the training set"
     assert after["total"] == after["generator"] + 3 * null.numel() * 4 + 8 * PIXELS + _module_bytes(model)
 
+    # replay_pixel_match="class_histogram": each learned class's real pixel histogram counts with the kept sets
+    strategy.generator_plugin.pixel_histograms = {0: torch.zeros(SHAPE[0], 256, dtype=torch.long)}
+    assert memory_bytes(strategy, "drcpsd", SHAPE)["synthetic"] == 8 * PIXELS + SHAPE[0] * 256 * 8
+    del strategy.generator_plugin.pixel_histograms
     del strategy.generator_plugin.kept  # a plugin from before kept sets existed: none counted
     assert memory_bytes(strategy, "drcpsd", SHAPE)["synthetic"] == 0
 

@@ -96,3 +96,28 @@ def test_lwf_joins_after_dream_replay_and_keeps_the_student_as_its_previous_mode
     assert all(torch.equal(previous[k], v) for k, v in strategy.model.state_dict().items())
     with pytest.raises(SystemExit):
         rq.main(["--real", "default", "--lwf", "-1"])
+
+
+def test_matched_sets_take_each_class_histogram_from_the_experience_that_holds_it():
+    """``replay_pixel_match="class_histogram"`` on saved sets: each class's set is matched to its own class's
+    real training images (the embedded data's), whichever experience holds the class."""
+    from avalanche_drcpsd import CPSDGeneratorPlugin
+    from avalanche_drcpsd.data import make_benchmark
+    from avalanche_drcpsd.histogram import pixel_histogram
+    from avalanche_drcpsd.utils import dataset_tensors
+
+    rq = benchmark_module("replay_quality")
+    benchmark = make_benchmark("default", seed=0)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(10).repeat_interleave(20)
+    images = (torch.rand(200, 1, 28, 28, generator=g) * 255).to(torch.uint8)  # flat grey noise, no black
+    plugin = CPSDGeneratorPlugin(verbose=False)
+    out = rq.match_kept_sets(images, labels, plugin, benchmark.train_stream)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    for experience in benchmark.train_stream:
+        x, y = dataset_tensors(experience.dataset.eval())
+        for k in y.unique().tolist():
+            real, matched = pixel_histogram(x[y == k]), pixel_histogram(out[labels == k])
+            black = real[0, 0] / real.sum()
+            assert abs(matched[0, 0] / matched.sum() - black) < 0.02, f"class {k}: its real black share"
+            assert abs(out[labels == k].float().mean() / 255 - x[y == k].mean()) < 0.02

@@ -46,6 +46,7 @@ from ..config import DRCPSDConfig, check_device
 from ..cpsd import EmbeddingBuffer, cpsd_steps, train_cpsd_projection
 from ..generator import DiffusionGenerator, draw_guidance_scales
 from ..generator_training import DistillationSource, train_generator
+from ..histogram import match_histogram, pixel_histogram
 from ..input_space import InputSpace
 from ..synthetic_cache import SyntheticCache, generator_identity, tensor_sha256, to_uint8
 from ..text_encoders import TextEncoder, TextEncoderError, load_text_encoder
@@ -60,7 +61,8 @@ class CPSDGeneratorPlugin(StatefulPlugin):
 
     #: the run state (:meth:`state_dict`); the generator, the embedding buffer, the replay set and ``rng`` are saved by
     #: the phase checkpoint in their own files
-    state_attributes = ("kept", "unlearned", "input_low", "input_high", "input_source", "_exp", "_trainable")
+    state_attributes = ("kept", "pixel_histograms", "unlearned", "input_low", "input_high", "input_source", "_exp",
+                        "_trainable")
 
     def __init__(
         self,
@@ -107,6 +109,9 @@ class CPSDGeneratorPlugin(StatefulPlugin):
         self.replay_record: Optional[Tuple[Tuple[int, ...], int, Tensor, Tensor]] = None
         #: ``replay_draw="once"``: each old class's kept synthetic set (uint8 images, class id -> (N, C, H, W))
         self.kept: Dict[int, Tensor] = {}
+        #: ``replay_pixel_match="class_histogram"``: each learned class's real pixel histogram (class id -> int64
+        #: ``(C, 256)``, :func:`~avalanche_drcpsd.histogram.pixel_histogram`), which its drawn sets are matched to
+        self.pixel_histograms: Dict[int, Tensor] = {}
         #: ``generator_last_experience="skip"``: the classes whose generator and CPSD phases were left out
         self.unlearned: List[int] = []
         #: the input space's per-channel pixel-0 / pixel-1 values and where they came from (plain data, so a
@@ -276,7 +281,7 @@ class CPSDGeneratorPlugin(StatefulPlugin):
         classes = [int(k) for k in classes]
         kept = {k for k in classes if len(self.kept.get(k, ())) >= n_per_class}
         fresh = [k for k in classes if k not in kept]
-        drawn = self.sample(fresh, n_per_class, seed=seed, desc=desc) if fresh else None
+        drawn = self.match_pixels(*self.sample(fresh, n_per_class, seed=seed, desc=desc)) if fresh else None
         xs, ys = [], []
         for k in classes:
             xs.append(self.kept[k][:n_per_class].float() / 255 if k in kept else drawn[0][drawn[1] == k])
@@ -312,8 +317,22 @@ class CPSDGeneratorPlugin(StatefulPlugin):
                 x, y = self.sample_cached(classes, n_per_class, task=self._exp, desc=desc)
             else:
                 x, y = self.sample(classes, n_per_class, desc=desc)
+            x, y = self.match_pixels(x, y)
             if self.config.replay_augment == "reference":  # the original code's samples are .jpeg files
                 x = jpeg_round_trip(x)
+        return x, y
+
+    def match_pixels(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+        """``replay_pixel_match="class_histogram"``: each class's images of ``x`` (pixels in [0, 1]) matched, as one
+        set, to the pixel histogram of its real images (:func:`~avalanche_drcpsd.histogram.match_histogram`);
+        ``"none"``, or a class with no recorded histogram (one learned before the option was set): unchanged."""
+        if self.config.replay_pixel_match == "none":
+            return x, y
+        x = x.clone()
+        for k in y.unique().tolist():
+            if int(k) in self.pixel_histograms:
+                rows = y == k
+                x[rows] = match_histogram(x[rows], self.pixel_histograms[int(k)]).to(x.dtype)
         return x, y
 
     def _kept_sets(self, classes: Sequence[int], n_per_class: int) -> Tuple[Tensor, Tensor]:
@@ -430,6 +449,10 @@ class CPSDGeneratorPlugin(StatefulPlugin):
         new = sorted(int(c) for c in new)
         if not new:
             return
+        if self.config.replay_pixel_match == "class_histogram":
+            for k in new:
+                if (labels == k).any():
+                    self.pixel_histograms[k] = pixel_histogram(images[labels == k])
         old = [k for k in self.learned_classes if k not in new]
         fresh = self.config.generator_scope == "per_experience" and bool(old) and self.trainable and not done
         if fresh:  # every old class's set comes from the generator that learned it, before it is replaced
