@@ -327,7 +327,7 @@ def test_every_profile_loads_and_the_gpu_profile_has_the_cpu_profiles_generator_
     if benchmark != "split_cifar10":  # its CPU profile keeps the redraw recipe its committed results used
         same = ("replay_draw", "generator_ema_decay", "generator_distill_weight", "unet_attention_head_dim",
                 "generator_last_experience", "replay_classes", "guidance_scale", "student_init",
-                "generator_noise_offset")
+                "generator_noise_offset", "replay_pixel_match", "rehearsal_batch_syn", "rehearsal_target")
         assert {n: getattr(gpu, n) for n in same} == {n: getattr(cpu, n) for n in same}
 
 
