@@ -31,13 +31,18 @@ def _levels(images: Tensor) -> Tensor:
     return (images.detach().float().cpu().clamp(0.0, 1.0) * (LEVELS - 1)).round().long()
 
 
+def _counts(levels: Tensor) -> Tensor:
+    """Per-channel counts of int64 levels ``(B, C, H, W)``: ``(C, 256)``."""
+    channels = levels.transpose(0, 1).reshape(levels.shape[1], -1)
+    return torch.stack([torch.bincount(ch, minlength=LEVELS) for ch in channels])
+
+
 def pixel_histogram(images: Tensor) -> Tensor:
     """Per-channel counts of the 256 pixel levels of ``images`` (in [0, 1], or uint8): int64 ``(C, 256)``."""
     levels = _levels(images)
     if levels.shape[0] == 0:
         raise ValueError("pixel_histogram of an empty batch: a class needs at least one image")
-    channels = levels.transpose(0, 1).reshape(levels.shape[1], -1)
-    return torch.stack([torch.bincount(ch, minlength=LEVELS) for ch in channels])
+    return _counts(levels)
 
 
 def match_histogram(images: Tensor, target: Tensor) -> Tensor:
@@ -53,7 +58,7 @@ def match_histogram(images: Tensor, target: Tensor) -> Tensor:
                          "for images of that many channels")
     if (target < 0).any() or (target.sum(1) <= 0).any():
         raise ValueError("target histogram: every channel needs non-negative counts with a positive total")
-    source = pixel_histogram(levels.to(torch.uint8))
+    source = _counts(levels)
     out = torch.empty_like(levels)
     for c in range(levels.shape[1]):
         f_src = source[c].cumsum(0).double() / source[c].sum()

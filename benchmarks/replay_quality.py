@@ -42,7 +42,6 @@ from avalanche_drcpsd import CPSDGeneratorPlugin
 from avalanche_drcpsd.data import make_benchmark
 from avalanche_drcpsd.experiments.fidelity import confusion_accuracy, model_confusion
 from avalanche_drcpsd.experiments.run import experience_accuracies
-from avalanche_drcpsd.histogram import match_histogram, pixel_histogram
 from avalanche_drcpsd.models import make_classifier
 from avalanche_drcpsd.strategy import DRCPSD
 from avalanche_drcpsd.synthetic_cache import to_uint8
@@ -90,18 +89,13 @@ class InputBlur(torch.nn.Module):
 
 
 def match_kept_sets(images: Tensor, labels: Tensor, plugin: CPSDGeneratorPlugin, stream: Sequence[Any]) -> Tensor:
-    """``replay_pixel_match="class_histogram"`` on saved sets (uint8): each class's set matched to the pixel
-    histogram of its real training images, read from the experience of ``stream`` that holds the class, as the
-    generator plugin records it in the phase that learns the class and applies it when it draws the set."""
-    out = images.clone()
+    """``replay_pixel_match="class_histogram"`` (set in ``plugin``'s config) on saved sets (uint8): the plugin records
+    each class's real pixel histogram from the experience of ``stream`` that holds it, as its generator phase does,
+    and matches each class's set to it, as it does each set it draws."""
     for experience in stream:
         plugin.check_inputs(experience.dataset.eval(), f"experience {experience.current_experience}")
-        x, y = plugin.experience_pixels(experience)
-        for k in y.unique().tolist():
-            rows = labels == k
-            if rows.any():
-                out[rows] = to_uint8(match_histogram(images[rows].float() / 255, pixel_histogram(x[y == k])))
-    return out
+        plugin.record_pixel_histograms(*plugin.experience_pixels(experience))
+    return to_uint8(plugin.match_pixels(images.float() / 255, labels)[0])
 
 
 def run_one(sets: Dict[str, Any], overrides: Dict[str, Any], *, seed: int, data_root: str,

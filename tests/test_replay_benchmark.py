@@ -101,7 +101,7 @@ def test_lwf_joins_after_dream_replay_and_keeps_the_student_as_its_previous_mode
 def test_matched_sets_take_each_class_histogram_from_the_experience_that_holds_it():
     """``replay_pixel_match="class_histogram"`` on saved sets: each class's set is matched to its own class's
     real training images (the embedded data's), whichever experience holds the class."""
-    from avalanche_drcpsd import CPSDGeneratorPlugin
+    from avalanche_drcpsd import CPSDGeneratorPlugin, DRCPSDConfig
     from avalanche_drcpsd.data import make_benchmark
     from avalanche_drcpsd.histogram import pixel_histogram
     from avalanche_drcpsd.utils import dataset_tensors
@@ -111,7 +111,7 @@ def test_matched_sets_take_each_class_histogram_from_the_experience_that_holds_i
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(10).repeat_interleave(20)
     images = (torch.rand(200, 1, 28, 28, generator=g) * 255).to(torch.uint8)  # flat grey noise, no black
-    plugin = CPSDGeneratorPlugin(verbose=False)
+    plugin = CPSDGeneratorPlugin(DRCPSDConfig(replay_pixel_match="class_histogram"), verbose=False)
     out = rq.match_kept_sets(images, labels, plugin, benchmark.train_stream)
     assert out.dtype == torch.uint8 and out.shape == images.shape
     for experience in benchmark.train_stream:

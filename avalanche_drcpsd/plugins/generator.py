@@ -335,6 +335,15 @@ class CPSDGeneratorPlugin(StatefulPlugin):
                 x[rows] = match_histogram(x[rows], self.pixel_histograms[int(k)]).to(x.dtype)
         return x, y
 
+    def record_pixel_histograms(self, images: Tensor, labels: Tensor, classes: Optional[Sequence[int]] = None) -> None:
+        """Record the pixel histogram of the real ``images`` (pixels in [0, 1]) of each class in ``classes`` (default:
+        every class in ``labels``) that has images here, as the one :meth:`match_pixels` matches its sets to (what
+        the generator phase does with ``replay_pixel_match="class_histogram"``)."""
+        for k in labels.unique().tolist() if classes is None else classes:
+            rows = labels == k
+            if rows.any():
+                self.pixel_histograms[int(k)] = pixel_histogram(images[rows])
+
     def _kept_sets(self, classes: Sequence[int], n_per_class: int) -> Tuple[Tensor, Tensor]:
         """``replay_draw="once"``: the classes without a kept set are drawn now (from the generator as it was when
         they were learned: nothing has trained it since) and kept, as 8-bit images, for every later experience."""
@@ -450,9 +459,7 @@ class CPSDGeneratorPlugin(StatefulPlugin):
         if not new:
             return
         if self.config.replay_pixel_match == "class_histogram":
-            for k in new:
-                if (labels == k).any():
-                    self.pixel_histograms[k] = pixel_histogram(images[labels == k])
+            self.record_pixel_histograms(images, labels, new)
         old = [k for k in self.learned_classes if k not in new]
         fresh = self.config.generator_scope == "per_experience" and bool(old) and self.trainable and not done
         if fresh:  # every old class's set comes from the generator that learned it, before it is replaced
