@@ -40,7 +40,7 @@ CHOICES = {
     "cpsd_augment": ("none", "reference"),
     "replay_augment": ("none", "reference", "shift", "shift_flip"),
     "replay_head_align": ("none", "weight_norm"),
-    "rehearsal_target": ("label", "teacher"),
+    "rehearsal_target": ("label", "teacher", "label_teacher"),
     "replay_epoch_length": ("longer", "shorter"),
     "student_bn": ("average", "new"),
     "replay_bn": ("joint", "split"),
@@ -332,7 +332,8 @@ class DRCPSDConfig:
     rehearsal_batch_syn: int = 0
     #: what the rehearsed images are trained towards: ``label`` (CE on their class, appended to the minibatch) or
     #: ``teacher`` (the old teacher's old-class logits, distilled at ``replay_kd_temperature`` in a forward pass of
-    #: their own: generative replay with distillation, van de Ven et al. 2020's "DGR+distill").
+    #: their own: generative replay with distillation, van de Ven et al. 2020's "DGR+distill"), or ``label_teacher``
+    #: (both: joined to the minibatch, and its outputs for them distilled towards the old teacher's).
     rehearsal_target: str = "label"
     #: *package*: after each replay phase, ``weight_norm`` scales the head's rows (weights and bias) of the
     #: experience's new classes by the mean weight norm of the old classes' rows over theirs (weight aligning,

@@ -566,6 +566,47 @@ def test_rehearsal_towards_the_teacher_distils_it_outside_the_minibatch(mnist_sm
     assert replay._pending is None
 
 
+class JoinedKDProbe(SupervisedPlugin):
+    """Registered after the replay plugin: the rehearsed images in the minibatch, and the loss beyond the
+    minibatch's CE against the old teacher's KD on the minibatch's outputs for them."""
+
+    def __init__(self, replay, log):
+        super().__init__()
+        self.replay, self.log = replay, log
+
+    def before_backward(self, strategy, **kwargs):
+        from avalanche_drcpsd.losses import logit_distillation_loss
+
+        is_syn = (strategy.mb_x == MARK).flatten(1).all(1)
+        ce = nn.functional.cross_entropy(strategy.mb_output, strategy.mb_y)
+        kd = 0.0
+        if is_syn.any():
+            with torch.no_grad():
+                z_old = self.replay.distill.old_teacher(strategy.mb_x[is_syn])
+            kd = float(logit_distillation_loss(strategy.mb_output[is_syn], z_old, sorted(self.replay.seen_classes),
+                                               self.replay.config.kd_temperature))
+        self.log.append((int(is_syn.sum()), sorted(set(strategy.mb_y[is_syn].tolist())), float(strategy.loss - ce),
+                         kd))
+
+
+def test_rehearsal_towards_labels_and_teacher_joins_the_minibatch_and_distils_its_outputs(mnist_small):
+    log = []
+    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8, rehearsal_batch=5,
+                               rehearsal_target="label_teacher", verbose=False)
+    strategy = _naive(MLP(), [replay, JoinedKDProbe(replay, log)])
+    strategy.train(mnist_small.train_stream[0])
+    assert log and all(n == 0 and extra == pytest.approx(0.0, abs=1e-6) for n, _, extra, _ in log)
+    log.clear()
+    strategy.train(mnist_small.train_stream[1])
+    assert len(log) > 1 and all(n == 5 and set(classes) <= {0, 1} for n, classes, _, _ in log), \
+        "five old-class images joined every minibatch with their labels"
+    assert log[0][2] == pytest.approx(0.0, abs=1e-6), "the model starts as the old teacher"
+    for _, _, extra, kd in log[1:]:
+        assert extra > 0 and extra == pytest.approx(kd, rel=1e-5, abs=1e-7), \
+            "the added loss is the old teacher's KD on the minibatch's outputs for the rehearsed images"
+    assert replay._pending is None
+
+
 def test_split_bn_normalises_each_half_apart_and_keeps_the_real_halfs_running_statistics():
     """bn="split": the synthetic half's logits are the student's on that half alone (its own batch statistics),
     not those of one joint pass, and the running statistics end as a pass of the real half alone leaves them."""

@@ -171,7 +171,8 @@ class DreamReplayPlugin(StatefulPlugin):
             ``syn_transform``); 0 (the reference): the classifier phase sees real images alone.
         :param rehearsal_target: ``label``: the rehearsed images join the minibatch with their labels (its CE);
             ``teacher``: they go through the model apart and are trained towards the old teacher's old-class
-            logits (:func:`~avalanche_drcpsd.losses.logit_distillation_loss` at ``kd_temperature``).
+            logits (:func:`~avalanche_drcpsd.losses.logit_distillation_loss` at ``kd_temperature``);
+            ``label_teacher``: both, the images joined to the minibatch (its CE) and their outputs there distilled.
         :param head_align: *package*: ``weight_norm`` rescales the new classes' head rows after each replay phase
             (:func:`align_head_norms`; the factor is ``stats[experience]["head_gamma"]``); ``none``: off.
         :param replay_lr: learning rate of the fresh replay optimiser (same class and settings as the
@@ -237,24 +238,28 @@ class DreamReplayPlugin(StatefulPlugin):
         transform = self.synthetic_transform()
         if transform is not None:
             xs = transform(xs)
-        if self.config.rehearsal_target == "teacher":
-            self._pending = xs  # distilled in before_backward, outside the minibatch's CE
-            return
+        target = self.config.rehearsal_target
+        if target != "label":
+            self._pending = xs  # distilled in before_backward
+        if target == "teacher":
+            return  # outside the minibatch's CE
         mb = strategy.mbatch
         mb[0] = torch.cat([mb[0], xs.to(mb[0].dtype)])
         mb[1] = torch.cat([mb[1], ys.to(mb[1].device, mb[1].dtype)])
         mb[-1] = torch.cat([mb[-1], mb[-1][:1].expand(len(ys))])
 
     def before_backward(self, strategy, **kwargs):
-        """With ``rehearsal_target="teacher"``: the old teacher's old-class logits distilled on the rehearsed
-        images of this iteration."""
+        """With ``rehearsal_target`` ``teacher`` or ``label_teacher``: the old teacher's old-class logits distilled
+        on the rehearsed images of this iteration (``label_teacher``: on the minibatch's own outputs for them,
+        whose CE the strategy already has)."""
         if self._pending is None:
             return
         xs, self._pending = self._pending, None
         with torch.no_grad():
             z_old = classify(self.distill.old_teacher, xs)
-        strategy.loss += logit_distillation_loss(classify(strategy.model, xs), z_old, sorted(self.seen_classes),
-                                                 self.config.kd_temperature)
+        z = strategy.mb_output[-len(xs):] if self.config.rehearsal_target == "label_teacher" \
+            else classify(strategy.model, xs)
+        strategy.loss += logit_distillation_loss(z, z_old, sorted(self.seen_classes), self.config.kd_temperature)
 
     def after_training_exp(self, strategy, **kwargs):
         self._rehearsal = self._pending = None
