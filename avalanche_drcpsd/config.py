@@ -335,6 +335,9 @@ class DRCPSDConfig:
     #: their own: generative replay with distillation, van de Ven et al. 2020's "DGR+distill"), or ``label_teacher``
     #: (both: joined to the minibatch, and its outputs for them distilled towards the old teacher's).
     rehearsal_target: str = "label"
+    #: *package*: the weight of the old teacher's distillation on the rehearsed images (``rehearsal_target``
+    #: ``teacher`` or ``label_teacher``); 1 weighs it like the minibatch's CE.
+    rehearsal_kd_weight: float = 1.0
     #: *package*: after each replay phase, ``weight_norm`` scales the head's rows (weights and bias) of the
     #: experience's new classes by the mean weight norm of the old classes' rows over theirs (weight aligning,
     #: Zhao et al., CVPR 2020), against the bias of the last-trained classes; ``none`` (the reference): no step.
@@ -608,6 +611,7 @@ class ReplayConfig:
     batch_syn: int = _flat_default("replay_batch_syn")
     rehearsal_batch: int = _flat_default("rehearsal_batch_syn")
     rehearsal_target: str = _flat_default("rehearsal_target")
+    rehearsal_kd_weight: float = _flat_default("rehearsal_kd_weight")
     head_align: str = _flat_default("replay_head_align")
     kappa: float = _flat_default("kappa")
     kappa_schedule: str = _flat_default("kappa_schedule")
@@ -634,6 +638,7 @@ class ReplayConfig:
             "replay_filter": "replay_filter", "replay_epochs": "replay_epochs", "min_steps": "replay_min_steps",
             "batch_real": "replay_batch_real", "batch_syn": "replay_batch_syn",
             "rehearsal_batch": "rehearsal_batch_syn", "rehearsal_target": "rehearsal_target",
+            "rehearsal_kd_weight": "rehearsal_kd_weight",
             "head_align": "replay_head_align", "kappa": "kappa",
             "kappa_schedule": "kappa_schedule", "pi": "pi", "distill_old_weight": "distill_old_weight",
             "student_init": "student_init", "ema_alpha": "ema_alpha", "student_bn": "student_bn",
@@ -674,7 +679,7 @@ class ReplayConfig:
         for field in ("replay_lr", "grad_clip"):
             if getattr(self, field) is not None:
                 _positive(name(field), getattr(self, field))
-        for field in ("kappa", "pi", "kd_weight", "distill_old_weight"):
+        for field in ("kappa", "pi", "kd_weight", "distill_old_weight", "rehearsal_kd_weight"):
             _non_negative(name(field), getattr(self, field))
         a = _number(name("ema_alpha"), self.ema_alpha)
         if not 0.0 < a <= 1.0:

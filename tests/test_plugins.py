@@ -589,6 +589,26 @@ class JoinedKDProbe(SupervisedPlugin):
                          kd))
 
 
+def test_rehearsal_kd_weight_scales_the_teachers_distillation(mnist_small):
+    """Two runs alike but for ``rehearsal_kd_weight``: the first iteration after the first that distils (identical
+    models until then) adds exactly that weight times the distillation."""
+    extras = {}
+    for weight in (1.0, 3.0):
+        torch.manual_seed(0)
+        log = []
+        replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8,
+                                   rehearsal_batch=5, rehearsal_target="teacher", rehearsal_kd_weight=weight,
+                                   seed=0, verbose=False)
+        strategy = _naive(MLP(), [replay, LossProbe(log)])
+        strategy.train(mnist_small.train_stream[0])
+        log.clear()
+        strategy.train(mnist_small.train_stream[1])
+        extras[weight] = [extra for _, extra in log]
+    assert extras[1.0][0] == extras[3.0][0] == pytest.approx(0.0, abs=1e-6)
+    assert extras[1.0][1] > 0
+    assert extras[3.0][1] == pytest.approx(3.0 * extras[1.0][1], rel=1e-5)
+
+
 def test_rehearsal_towards_labels_and_teacher_joins_the_minibatch_and_distils_its_outputs(mnist_small):
     log = []
     replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8, rehearsal_batch=5,

@@ -173,6 +173,7 @@ class DreamReplayPlugin(StatefulPlugin):
             ``teacher``: they go through the model apart and are trained towards the old teacher's old-class
             logits (:func:`~avalanche_drcpsd.losses.logit_distillation_loss` at ``kd_temperature``);
             ``label_teacher``: both, the images joined to the minibatch (its CE) and their outputs there distilled.
+        :param rehearsal_kd_weight: *package*: the weight of that distillation (1: like the minibatch's CE).
         :param head_align: *package*: ``weight_norm`` rescales the new classes' head rows after each replay phase
             (:func:`align_head_norms`; the factor is ``stats[experience]["head_gamma"]``); ``none``: off.
         :param replay_lr: learning rate of the fresh replay optimiser (same class and settings as the
@@ -259,7 +260,8 @@ class DreamReplayPlugin(StatefulPlugin):
             z_old = classify(self.distill.old_teacher, xs)
         z = strategy.mb_output[-len(xs):] if self.config.rehearsal_target == "label_teacher" \
             else classify(strategy.model, xs)
-        strategy.loss += logit_distillation_loss(z, z_old, sorted(self.seen_classes), self.config.kd_temperature)
+        strategy.loss += self.config.rehearsal_kd_weight * logit_distillation_loss(
+            z, z_old, sorted(self.seen_classes), self.config.kd_temperature)
 
     def after_training_exp(self, strategy, **kwargs):
         self._rehearsal = self._pending = None
