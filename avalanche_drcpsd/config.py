@@ -40,7 +40,7 @@ CHOICES = {
     "cpsd_augment": ("none", "reference"),
     "replay_augment": ("none", "reference", "shift", "shift_flip"),
     "replay_head_align": ("none", "weight_norm"),
-    "rehearsal_target": ("label", "teacher", "label_teacher"),
+    "rehearsal_target": ("label", "teacher", "teacher_seen", "label_teacher"),
     "replay_epoch_length": ("longer", "shorter"),
     "student_bn": ("average", "new"),
     "replay_bn": ("joint", "split"),
@@ -332,8 +332,10 @@ class DRCPSDConfig:
     rehearsal_batch_syn: int = 0
     #: what the rehearsed images are trained towards: ``label`` (CE on their class, appended to the minibatch) or
     #: ``teacher`` (the old teacher's old-class logits, distilled at ``replay_kd_temperature`` in a forward pass of
-    #: their own: generative replay with distillation, van de Ven et al. 2020's "DGR+distill"), or ``label_teacher``
-    #: (both: joined to the minibatch, and its outputs for them distilled towards the old teacher's).
+    #: their own: generative replay with distillation, van de Ven et al. 2020's "DGR+distill"), ``teacher_seen``
+    #: (the same over every seen class, the current experience's included: the old teacher's low logits for classes
+    #: it never saw), or ``label_teacher`` (both: joined to the minibatch, and its outputs for them distilled
+    #: towards the old teacher's old-class logits).
     rehearsal_target: str = "label"
     #: *package*: the weight of the old teacher's distillation on the rehearsed images (``rehearsal_target``
     #: ``teacher`` or ``label_teacher``); 1 weighs it like the minibatch's CE.

@@ -589,6 +589,44 @@ class JoinedKDProbe(SupervisedPlugin):
                          kd))
 
 
+class SeenKDProbe(SupervisedPlugin):
+    """Registered after the replay plugin: the rehearsal's added loss against the old teacher's KD over the old
+    classes and over every seen class, recomputed on the same images."""
+
+    def __init__(self, replay, log):
+        super().__init__()
+        self.replay, self.log = replay, log
+
+    def before_training_iteration(self, strategy, **kwargs):
+        self.xs = self.replay._pending  # the rehearsed images the replay plugin just set aside
+
+    def before_backward(self, strategy, **kwargs):
+        from avalanche_drcpsd.losses import logit_distillation_loss
+
+        ce = nn.functional.cross_entropy(strategy.mb_output, strategy.mb_y)
+        if self.xs is None:
+            return
+        with torch.no_grad():
+            z_old, z = self.replay.distill.old_teacher(self.xs), strategy.model(self.xs)
+        t = self.replay.config.kd_temperature
+        self.log.append((float(strategy.loss - ce), float(logit_distillation_loss(z, z_old, [0, 1], t)),
+                         float(logit_distillation_loss(z, z_old, [0, 1, 2, 3], t))))
+
+
+def test_rehearsal_towards_the_teacher_over_every_seen_class(mnist_small):
+    log = []
+    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8, rehearsal_batch=5,
+                               rehearsal_target="teacher_seen", verbose=False)
+    strategy = _naive(MLP(), [replay, SeenKDProbe(replay, log)])
+    strategy.train(mnist_small.train_stream[0])
+    assert not log, "nothing to rehearse at first"
+    strategy.train(mnist_small.train_stream[1])
+    assert len(log) > 1 and log[0][0] == pytest.approx(0.0, abs=1e-6)
+    for extra, kd_old, kd_seen in log[1:]:
+        assert extra == pytest.approx(kd_seen, rel=1e-4, abs=1e-6), "distilled over classes 0-3"
+        assert kd_seen != pytest.approx(kd_old, rel=1e-3), "not over the old classes alone"
+
+
 def test_rehearsal_kd_weight_scales_the_teachers_distillation(mnist_small):
     """Two runs alike but for ``rehearsal_kd_weight``: the first iteration after the first that distils (identical
     models until then) adds exactly that weight times the distillation."""

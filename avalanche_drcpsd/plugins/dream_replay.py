@@ -39,7 +39,7 @@ import copy
 import dataclasses
 import math
 import warnings
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Set, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Protocol, Sequence, Set, Tuple
 
 import torch
 from avalanche.evaluation.metric_results import MetricValue
@@ -172,7 +172,9 @@ class DreamReplayPlugin(StatefulPlugin):
         :param rehearsal_target: ``label``: the rehearsed images join the minibatch with their labels (its CE);
             ``teacher``: they go through the model apart and are trained towards the old teacher's old-class
             logits (:func:`~avalanche_drcpsd.losses.logit_distillation_loss` at ``kd_temperature``);
-            ``label_teacher``: both, the images joined to the minibatch (its CE) and their outputs there distilled.
+            ``label_teacher``: both, the images joined to the minibatch (its CE) and their outputs there distilled;
+            ``teacher_seen``: like ``teacher`` over every seen class, the current experience's included (the old
+            teacher's low logits for the classes it never saw say "not a new class", softly).
         :param rehearsal_kd_weight: *package*: the weight of that distillation (1: like the minibatch's CE).
         :param head_align: *package*: ``weight_norm`` rescales the new classes' head rows after each replay phase
             (:func:`align_head_norms`; the factor is ``stats[experience]["head_gamma"]``); ``none``: off.
@@ -212,7 +214,8 @@ class DreamReplayPlugin(StatefulPlugin):
         self.seen_classes: Set[int] = set()
         self.replayed_batches = 0  # synthetic batches seen by the classifier (for tests and reports)
         self._rehearsal: Optional[Iterator[Tuple[Tensor, Tensor]]] = None  # the classifier phase's, when on
-        self._pending: Optional[Tensor] = None  # this iteration's rehearsed images, with rehearsal_target="teacher"
+        self._pending: Optional[Tensor] = None  # this iteration's rehearsed images, when the old teacher distils them
+        self._kd_classes: List[int] = []  # the classes it distils them over
 
     @classmethod
     def from_config(cls, source: SyntheticSource, config, **kwargs) -> "DreamReplayPlugin":
@@ -229,6 +232,8 @@ class DreamReplayPlugin(StatefulPlugin):
             exp = strategy.experience.current_experience
             self._rehearsal = rehearsal_batches(x_syn, y_syn, self.config.rehearsal_batch,
                                                 seed=self.config.seed * 1_000_003 + exp)
+            self._kd_classes = sorted(self.seen_classes | set(experience_classes(strategy.experience))) \
+                if self.config.rehearsal_target == "teacher_seen" else sorted(self.seen_classes)
 
     def before_training_iteration(self, strategy, **kwargs):
         """With ``rehearsal_batch``: the next batch of old-class synthetic images appended to the minibatch."""
@@ -242,7 +247,7 @@ class DreamReplayPlugin(StatefulPlugin):
         target = self.config.rehearsal_target
         if target != "label":
             self._pending = xs  # distilled in before_backward
-        if target == "teacher":
+        if target in ("teacher", "teacher_seen"):
             return  # outside the minibatch's CE
         mb = strategy.mbatch
         mb[0] = torch.cat([mb[0], xs.to(mb[0].dtype)])
@@ -250,8 +255,8 @@ class DreamReplayPlugin(StatefulPlugin):
         mb[-1] = torch.cat([mb[-1], mb[-1][:1].expand(len(ys))])
 
     def before_backward(self, strategy, **kwargs):
-        """With ``rehearsal_target`` ``teacher`` or ``label_teacher``: the old teacher's old-class logits distilled
-        on the rehearsed images of this iteration (``label_teacher``: on the minibatch's own outputs for them,
+        """With ``rehearsal_target`` ``teacher``, ``teacher_seen`` or ``label_teacher``: the old teacher's logits
+        distilled on the rehearsed images of this iteration (``label_teacher``: on the minibatch's own outputs for them,
         whose CE the strategy already has)."""
         if self._pending is None:
             return
@@ -261,7 +266,7 @@ class DreamReplayPlugin(StatefulPlugin):
         z = strategy.mb_output[-len(xs):] if self.config.rehearsal_target == "label_teacher" \
             else classify(strategy.model, xs)
         strategy.loss += self.config.rehearsal_kd_weight * logit_distillation_loss(
-            z, z_old, sorted(self.seen_classes), self.config.kd_temperature)
+            z, z_old, self._kd_classes, self.config.kd_temperature)
 
     def after_training_exp(self, strategy, **kwargs):
         self._rehearsal = self._pending = None
