@@ -551,19 +551,27 @@ class LossProbe(SupervisedPlugin):
         self.log.append((strategy.experience.current_experience, float(strategy.loss - ce)))
 
 
-def test_rehearsal_towards_the_teacher_distils_it_outside_the_minibatch(mnist_small):
+def _rehearse_two_experiences(mnist_small, probe, **settings):
+    """A naive strategy with a replay plugin rehearsing 5 fake images per minibatch (``settings`` on top) and
+    ``probe(replay, log)`` registered after it, trained on experiences 0 and 1: ``(log of 0, log of 1)``."""
     log = []
     replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8, rehearsal_batch=5,
-                               rehearsal_target="teacher", verbose=False)
-    strategy = _naive(MLP(), [replay, LossProbe(log)])
+                               verbose=False, **settings)
+    strategy = _naive(MLP(), [replay, probe(replay, log)])
     strategy.train(mnist_small.train_stream[0])
-    assert log and all(extra == pytest.approx(0.0, abs=1e-6) for _, extra in log), "nothing to rehearse at first"
+    first = list(log)
     log.clear()
     strategy.train(mnist_small.train_stream[1])
+    assert replay._pending is None
+    return first, log
+
+
+def test_rehearsal_towards_the_teacher_distils_it_outside_the_minibatch(mnist_small):
+    first, log = _rehearse_two_experiences(mnist_small, lambda replay, log: LossProbe(log), rehearsal_target="teacher")
+    assert first and all(extra == pytest.approx(0.0, abs=1e-6) for _, extra in first), "nothing to rehearse at first"
     extras = [extra for _, extra in log]
     assert len(extras) > 1 and extras[0] == pytest.approx(0.0, abs=1e-6), "the model starts as the old teacher"
     assert all(extra > 0 for extra in extras[1:]), "the old teacher's KD on the rehearsed images is added"
-    assert replay._pending is None
 
 
 class JoinedKDProbe(SupervisedPlugin):
@@ -614,13 +622,8 @@ class SeenKDProbe(SupervisedPlugin):
 
 
 def test_rehearsal_towards_the_teacher_over_every_seen_class(mnist_small):
-    log = []
-    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8, rehearsal_batch=5,
-                               rehearsal_target="teacher_seen", verbose=False)
-    strategy = _naive(MLP(), [replay, SeenKDProbe(replay, log)])
-    strategy.train(mnist_small.train_stream[0])
-    assert not log, "nothing to rehearse at first"
-    strategy.train(mnist_small.train_stream[1])
+    first, log = _rehearse_two_experiences(mnist_small, SeenKDProbe, rehearsal_target="teacher_seen")
+    assert not first, "nothing to rehearse at first"
     assert len(log) > 1 and log[0][0] == pytest.approx(0.0, abs=1e-6)
     for extra, kd_old, kd_seen in log[1:]:
         assert extra == pytest.approx(kd_seen, rel=1e-4, abs=1e-6), "distilled over classes 0-3"
@@ -633,14 +636,8 @@ def test_rehearsal_kd_weight_scales_the_teachers_distillation(mnist_small):
     extras = {}
     for weight in (1.0, 3.0):
         torch.manual_seed(0)
-        log = []
-        replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8,
-                                   rehearsal_batch=5, rehearsal_target="teacher", rehearsal_kd_weight=weight,
-                                   seed=0, verbose=False)
-        strategy = _naive(MLP(), [replay, LossProbe(log)])
-        strategy.train(mnist_small.train_stream[0])
-        log.clear()
-        strategy.train(mnist_small.train_stream[1])
+        _, log = _rehearse_two_experiences(mnist_small, lambda replay, log: LossProbe(log), rehearsal_target="teacher",
+                                           rehearsal_kd_weight=weight, seed=0)
         extras[weight] = [extra for _, extra in log]
     assert extras[1.0][0] == extras[3.0][0] == pytest.approx(0.0, abs=1e-6)
     assert extras[1.0][1] > 0
@@ -648,21 +645,14 @@ def test_rehearsal_kd_weight_scales_the_teachers_distillation(mnist_small):
 
 
 def test_rehearsal_towards_labels_and_teacher_joins_the_minibatch_and_distils_its_outputs(mnist_small):
-    log = []
-    replay = DreamReplayPlugin(FakeSource([]), n_replay_per_class=8, batch_real=16, batch_syn=8, rehearsal_batch=5,
-                               rehearsal_target="label_teacher", verbose=False)
-    strategy = _naive(MLP(), [replay, JoinedKDProbe(replay, log)])
-    strategy.train(mnist_small.train_stream[0])
-    assert log and all(n == 0 and extra == pytest.approx(0.0, abs=1e-6) for n, _, extra, _ in log)
-    log.clear()
-    strategy.train(mnist_small.train_stream[1])
+    first, log = _rehearse_two_experiences(mnist_small, JoinedKDProbe, rehearsal_target="label_teacher")
+    assert first and all(n == 0 and extra == pytest.approx(0.0, abs=1e-6) for n, _, extra, _ in first)
     assert len(log) > 1 and all(n == 5 and set(classes) <= {0, 1} for n, classes, _, _ in log), \
         "five old-class images joined every minibatch with their labels"
     assert log[0][2] == pytest.approx(0.0, abs=1e-6), "the model starts as the old teacher"
     for _, _, extra, kd in log[1:]:
         assert extra > 0 and extra == pytest.approx(kd, rel=1e-5, abs=1e-7), \
             "the added loss is the old teacher's KD on the minibatch's outputs for the rehearsed images"
-    assert replay._pending is None
 
 
 def test_split_bn_normalises_each_half_apart_and_keeps_the_real_halfs_running_statistics():
