@@ -338,7 +338,7 @@ class DRCPSDConfig:
     #: towards the old teacher's old-class logits).
     rehearsal_target: str = "label"
     #: *package*: the weight of the old teacher's distillation on the rehearsed images (``rehearsal_target``
-    #: ``teacher`` or ``label_teacher``); 1 weighs it like the minibatch's CE.
+    #: ``teacher``, ``teacher_seen`` or ``label_teacher``); 1 weighs it like the minibatch's CE.
     rehearsal_kd_weight: float = 1.0
     #: *package*: after each replay phase, ``weight_norm`` scales the head's rows (weights and bias) of the
     #: experience's new classes by the mean weight norm of the old classes' rows over theirs (weight aligning,
