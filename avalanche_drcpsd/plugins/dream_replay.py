@@ -96,6 +96,12 @@ def align_head_norms(head: torch.nn.Linear, old_classes: Sequence[int], new_clas
     return gamma
 
 
+#: the ``rehearsal_target`` values whose rehearsed images join the minibatch (its CE on their labels), and those whose
+#: images the old teacher distils
+_REHEARSAL_JOINS = frozenset({"label", "label_teacher"})
+_REHEARSAL_DISTILS = frozenset({"teacher", "teacher_seen", "label_teacher"})
+
+
 def rehearsal_batches(x: Tensor, y: Tensor, batch: int, *, seed: int) -> Iterator[Tuple[Tensor, Tensor]]:
     """Endless ``batch``-sized batches of ``(x, y)``: shuffled passes (a ``torch.Generator`` seeded with ``seed``,
     the global random state untouched), each image once per pass, a pass continuing into the next."""
@@ -245,9 +251,9 @@ class DreamReplayPlugin(StatefulPlugin):
         if transform is not None:
             xs = transform(xs)
         target = self.config.rehearsal_target
-        if target != "label":
+        if target in _REHEARSAL_DISTILS:
             self._pending = xs  # distilled in before_backward
-        if target in ("teacher", "teacher_seen"):
+        if target not in _REHEARSAL_JOINS:
             return  # outside the minibatch's CE
         mb = strategy.mbatch
         mb[0] = torch.cat([mb[0], xs.to(mb[0].dtype)])
@@ -263,7 +269,7 @@ class DreamReplayPlugin(StatefulPlugin):
         xs, self._pending = self._pending, None
         with torch.no_grad():
             z_old = classify(self.distill.old_teacher, xs)
-        z = strategy.mb_output[-len(xs):] if self.config.rehearsal_target == "label_teacher" \
+        z = strategy.mb_output[-len(xs):] if self.config.rehearsal_target in _REHEARSAL_JOINS \
             else classify(strategy.model, xs)
         strategy.loss += self.config.rehearsal_kd_weight * logit_distillation_loss(
             z, z_old, self._kd_classes, self.config.kd_temperature)
