@@ -103,8 +103,7 @@ REFERENCE: Dict[str, Any] = {
     "n_replay_per_class": 6000,
     "replay_augment": "reference", "replay_bn": "joint", "replay_epochs": 1, "replay_epoch_length": "shorter",
     "replay_min_steps": 0,
-    "replay_batch_real": 16, "replay_batch_syn": 16, "rehearsal_batch_syn": 0, "rehearsal_real_kd_weight": 0.0,
-    "replay_lr": None,
+    "replay_batch_real": 16, "replay_batch_syn": 16, "rehearsal_batch_syn": 0, "replay_lr": None,
     "replay_optimizer": "continue", "replay_lr_schedule": "constant",
     "replay_grad_clip": None, "kappa": 0.05, "kappa_schedule": "constant", "pi": 0.5, "distill_old_weight": 0.5,
     "distill_targets": "both", "replay_kd_weight": 0.0, "student_init": "average", "student_bn": "new",
@@ -341,11 +340,6 @@ class DRCPSDConfig:
     #: *package*: the weight of the old teacher's distillation on the rehearsed images (``rehearsal_target``
     #: ``teacher``, ``teacher_seen`` or ``label_teacher``); 1 weighs it like the minibatch's CE.
     rehearsal_kd_weight: float = 1.0
-    #: *package*: the weight of the old teacher's logits distilled on the classifier phase's *real* minibatch (the
-    #: current experience's images; LwF's term, Li & Hoiem 2017, with the teacher DR-CPSD already holds) over the
-    #: old classes, at ``replay_kd_temperature``; works with or without ``rehearsal_batch_syn``. 0 (off, the
-    #: reference): the real minibatch is trained on its labels alone.
-    rehearsal_real_kd_weight: float = 0.0
     #: *package*: after each replay phase, ``weight_norm`` scales the head's rows (weights and bias) of the
     #: experience's new classes by the mean weight norm of the old classes' rows over theirs (weight aligning,
     #: Zhao et al., CVPR 2020), against the bias of the last-trained classes; ``none`` (the reference): no step.
@@ -620,7 +614,6 @@ class ReplayConfig:
     rehearsal_batch: int = _flat_default("rehearsal_batch_syn")
     rehearsal_target: str = _flat_default("rehearsal_target")
     rehearsal_kd_weight: float = _flat_default("rehearsal_kd_weight")
-    real_kd_weight: float = _flat_default("rehearsal_real_kd_weight")
     head_align: str = _flat_default("replay_head_align")
     kappa: float = _flat_default("kappa")
     kappa_schedule: str = _flat_default("kappa_schedule")
@@ -647,7 +640,7 @@ class ReplayConfig:
             "replay_filter": "replay_filter", "replay_epochs": "replay_epochs", "min_steps": "replay_min_steps",
             "batch_real": "replay_batch_real", "batch_syn": "replay_batch_syn",
             "rehearsal_batch": "rehearsal_batch_syn", "rehearsal_target": "rehearsal_target",
-            "rehearsal_kd_weight": "rehearsal_kd_weight", "real_kd_weight": "rehearsal_real_kd_weight",
+            "rehearsal_kd_weight": "rehearsal_kd_weight",
             "head_align": "replay_head_align", "kappa": "kappa",
             "kappa_schedule": "kappa_schedule", "pi": "pi", "distill_old_weight": "distill_old_weight",
             "student_init": "student_init", "ema_alpha": "ema_alpha", "student_bn": "student_bn",
@@ -688,7 +681,7 @@ class ReplayConfig:
         for field in ("replay_lr", "grad_clip"):
             if getattr(self, field) is not None:
                 _positive(name(field), getattr(self, field))
-        for field in ("kappa", "pi", "kd_weight", "distill_old_weight", "rehearsal_kd_weight", "real_kd_weight"):
+        for field in ("kappa", "pi", "kd_weight", "distill_old_weight", "rehearsal_kd_weight"):
             _non_negative(name(field), getattr(self, field))
         a = _number(name("ema_alpha"), self.ema_alpha)
         if not 0.0 < a <= 1.0:

@@ -84,7 +84,6 @@ INVALID = [
     (dict(replay_head_align="bic"), ["replay_head_align", "'bic'"]),
     (dict(rehearsal_target="soft"), ["rehearsal_target", "'soft'"]),
     (dict(rehearsal_kd_weight=-1.0), ["rehearsal_kd_weight", "-1.0"]),
-    (dict(rehearsal_real_kd_weight=-0.5), ["rehearsal_real_kd_weight", "-0.5"]),
     (dict(cpsd_batch_size=2.0), ["cpsd_batch_size", "2.0"]),
     (dict(sampling_steps="20"), ["sampling_steps", "'20'"]),
     (dict(sampling_steps=0), ["sampling_steps", "0"]),
@@ -330,7 +329,7 @@ def test_every_profile_loads_and_the_gpu_profile_has_the_cpu_profiles_generator_
         same = ("replay_draw", "generator_ema_decay", "generator_distill_weight", "unet_attention_head_dim",
                 "generator_last_experience", "replay_classes", "guidance_scale", "student_init",
                 "generator_noise_offset", "replay_pixel_match", "rehearsal_batch_syn", "rehearsal_target",
-                "rehearsal_kd_weight", "rehearsal_real_kd_weight")
+                "rehearsal_kd_weight")
         assert {n: getattr(gpu, n) for n in same} == {n: getattr(cpu, n) for n in same}
 
 

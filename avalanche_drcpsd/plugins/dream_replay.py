@@ -182,10 +182,6 @@ class DreamReplayPlugin(StatefulPlugin):
             ``teacher_seen``: like ``teacher`` over every seen class, the current experience's included (the old
             teacher's low logits for the classes it never saw say "not a new class", softly).
         :param rehearsal_kd_weight: *package*: the weight of that distillation (1: like the minibatch's CE).
-        :param real_kd_weight: *package*: the weight of the old teacher's logits distilled on the classifier phase's
-            real minibatch (LwF's term, with this plugin's old teacher) over the old classes, whatever
-            ``rehearsal_target`` (over the current ones it would pull their own images away from them); 0: off.
-            Independent of ``rehearsal_batch``.
         :param head_align: *package*: ``weight_norm`` rescales the new classes' head rows after each replay phase
             (:func:`align_head_norms`; the factor is ``stats[experience]["head_gamma"]``); ``none``: off.
         :param replay_lr: learning rate of the fresh replay optimiser (same class and settings as the
@@ -226,7 +222,6 @@ class DreamReplayPlugin(StatefulPlugin):
         self._rehearsal: Optional[Iterator[Tuple[Tensor, Tensor]]] = None  # the classifier phase's, when on
         self._pending: Optional[Tensor] = None  # this iteration's rehearsed images, when the old teacher distils them
         self._kd_classes: List[int] = []  # the classes it distils them over
-        self._n_joined = 0  # rehearsed images appended to this iteration's minibatch (after its real images)
 
     @classmethod
     def from_config(cls, source: SyntheticSource, config, **kwargs) -> "DreamReplayPlugin":
@@ -248,7 +243,6 @@ class DreamReplayPlugin(StatefulPlugin):
 
     def before_training_iteration(self, strategy, **kwargs):
         """With ``rehearsal_batch``: the next batch of old-class synthetic images appended to the minibatch."""
-        self._n_joined = 0
         if self._rehearsal is None:
             return
         xs, ys = next(self._rehearsal)
@@ -262,7 +256,6 @@ class DreamReplayPlugin(StatefulPlugin):
         if target not in _REHEARSAL_JOINS:
             return  # outside the minibatch's CE
         mb = strategy.mbatch
-        self._n_joined = len(ys)
         mb[0] = torch.cat([mb[0], xs.to(mb[0].dtype)])
         mb[1] = torch.cat([mb[1], ys.to(mb[1].device, mb[1].dtype)])
         mb[-1] = torch.cat([mb[-1], mb[-1][:1].expand(len(ys))])
@@ -270,13 +263,7 @@ class DreamReplayPlugin(StatefulPlugin):
     def before_backward(self, strategy, **kwargs):
         """With ``rehearsal_target`` ``teacher``, ``teacher_seen`` or ``label_teacher``: the old teacher's logits
         distilled on the rehearsed images of this iteration (``label_teacher``: on the minibatch's own outputs for them,
-        whose CE the strategy already has). With ``real_kd_weight``: on the minibatch's real images too."""
-        if self.config.real_kd_weight > 0 and self.seen_classes and self.distill.old_teacher is not None:
-            n_real = len(strategy.mb_output) - self._n_joined
-            with torch.no_grad():
-                z_old = classify(self.distill.old_teacher, strategy.mb_x[:n_real])
-            strategy.loss += self.config.real_kd_weight * logit_distillation_loss(
-                strategy.mb_output[:n_real], z_old, sorted(self.seen_classes), self.config.kd_temperature)
+        whose CE the strategy already has)."""
         if self._pending is None:
             return
         xs, self._pending = self._pending, None
