@@ -59,7 +59,7 @@ CHOICES = {
     "generator_distill_source": ("pool", "fresh"),
     "generator_replay_loss": ("distill", "ldm"),
     "replay_draw": ("redraw", "once"),
-    "replay_pixel_match": ("none", "class_histogram"),
+    "replay_pixel_match": ("none", "class_histogram", "class_mean_histogram"),
     "replay_classes": ("old", "seen"),
     "replay_filter": ("none", "teacher"),
     "generator_memory_format": ("contiguous", "channels_last"),
@@ -283,8 +283,11 @@ class DRCPSDConfig:
     #: class, counted with the kept sets in the run's memory; :mod:`avalanche_drcpsd.histogram`). The offline
     #: generator's sets are brighter and hazier than the real images, and a classifier tells them apart; matched,
     #: they are harder to tell apart, which is what lets old classes' sets be rehearsed in the classifier phase
-    #: (``rehearsal_batch_syn``; ``results/replay/README.md``, "Histogram-matched kept sets"). ``none`` (the
-    #: reference): the sets as the generator drew them.
+    #: (``rehearsal_batch_syn``; ``results/replay/README.md``, "Histogram-matched kept sets"). ``class_mean_histogram``
+    #: first shifts each class's set, pixel by pixel, so that its mean image is the mean image of the class's real
+    #: training images (recorded with the histogram: 4 bytes per pixel and channel, 3 KB for a 28 x 28 class), then
+    #: matches the histogram: the histogram fixes how bright the pixels are, the mean image where (the generator's
+    #: haze lies on the background). ``none`` (the reference): the sets as the generator drew them.
     replay_pixel_match: str = "none"
 
     # --- dream replay ---------------------------------------------------------------------------------

@@ -10,6 +10,12 @@ training images (per channel): ``F_real^-1(F_set(v))``, with ``F_set(v)`` taken 
 probability mass on level ``v`` (Gonzalez & Woods, "histogram specification"). It keeps each image's ordering of
 its pixels and changes no shape; what a class needs kept is its 256-bin histogram per channel, 2 KB, recorded while
 its real images are at hand (the generator phase).
+
+``replay_pixel_match="class_mean_histogram"`` shifts the set first (:func:`shift_to_mean`): every image by the
+difference between the class's real mean image and the set's own, pixel by pixel, so that the set's mean image is
+the real one (up to clipping to [0, 1]); the histogram then fixes the pixel values' distribution. The shift moves
+brightness to where the real class has it (the haze off the background, into the garment) and keeps each image's
+differences from the set's mean. A class then keeps its mean image too (``C x H x W`` float32).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["pixel_histogram", "match_histogram"]
+__all__ = ["pixel_histogram", "match_histogram", "pixel_mean", "shift_to_mean"]
 
 LEVELS = 256
 
@@ -67,3 +73,25 @@ def match_histogram(images: Tensor, target: Tensor) -> Tensor:
         table = torch.searchsorted(f_tgt, middle).clamp(max=LEVELS - 1)
         out[:, c] = table[levels[:, c]]
     return (out.float() / (LEVELS - 1)).to(images.device)
+
+
+def pixel_mean(images: Tensor) -> Tensor:
+    """The mean image of ``images`` (in [0, 1], or uint8, ``(B, C, H, W)``), in [0, 1]: float32 ``(C, H, W)``."""
+    if images.dim() != 4:
+        raise ValueError(f"images of shape {tuple(images.shape)}; expected (B, C, H, W)")
+    if images.shape[0] == 0:
+        raise ValueError("pixel_mean of an empty batch: a class needs at least one image")
+    x = images.detach().cpu()
+    x = x.float() / (LEVELS - 1) if x.dtype == torch.uint8 else x.float()
+    return x.mean(0)
+
+
+def shift_to_mean(images: Tensor, target: Tensor) -> Tensor:
+    """``images`` (in [0, 1], ``(B, C, H, W)``) shifted pixel by pixel by ``target - pixel_mean(images)``, so that
+    their mean image becomes ``target`` (a :func:`pixel_mean`, ``(C, H, W)``) wherever clipping to [0, 1] allows."""
+    target = torch.as_tensor(target)
+    if images.dim() != 4 or target.shape != images.shape[1:]:
+        raise ValueError(f"target mean image of shape {tuple(target.shape)}; expected {tuple(images.shape[1:])}, the "
+                         f"shape of the images {tuple(images.shape)}")
+    shift = (target.float() - pixel_mean(images)).to(images.device)
+    return (images.float() + shift).clamp(0.0, 1.0).to(images.dtype)

@@ -89,12 +89,12 @@ class InputBlur(torch.nn.Module):
 
 
 def match_kept_sets(images: Tensor, labels: Tensor, plugin: CPSDGeneratorPlugin, stream: Sequence[Any]) -> Tensor:
-    """``replay_pixel_match="class_histogram"`` (set in ``plugin``'s config) on saved sets (uint8): the plugin records
-    each class's real pixel histogram from the experience of ``stream`` that holds it, as its generator phase does,
+    """``replay_pixel_match`` (set in ``plugin``'s config) on saved sets (uint8): the plugin records each class's
+    real pixel statistics from the experience of ``stream`` that holds it, as its generator phase does,
     and matches each class's set to it, as it does each set it draws."""
     for experience in stream:
         plugin.check_inputs(experience.dataset.eval(), f"experience {experience.current_experience}")
-        plugin.record_pixel_histograms(*plugin.experience_pixels(experience))
+        plugin.record_pixel_statistics(*plugin.experience_pixels(experience))
     return to_uint8(plugin.match_pixels(images.float() / 255, labels)[0])
 
 
@@ -128,7 +128,7 @@ def run_one(sets: Dict[str, Any], overrides: Dict[str, Any], *, seed: int, data_
                       train_mb_size=exp.train_mb_size, train_epochs=exp.train_epochs, eval_mb_size=exp.eval_mb_size,
                       evaluator=EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[]))
     images = sets["images"]
-    if cfg.replay_pixel_match == "class_histogram":  # as the generator plugin matches each set it draws
+    if cfg.replay_pixel_match != "none":  # as the generator plugin matches each set it draws
         images = match_kept_sets(images, sets["labels"], strategy.generator_plugin, benchmark.train_stream)
     # the generator phases are skipped: dream replay draws from the saved sets
     strategy.plugins.remove(strategy.generator_plugin)

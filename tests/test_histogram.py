@@ -1,4 +1,5 @@
-"""Per-class pixel-histogram matching of the replay sets (``replay_pixel_match="class_histogram"``, issue 13)."""
+"""Per-class pixel-histogram matching of the replay sets (``replay_pixel_match="class_histogram"``, issue 13), and
+the per-pixel shift to the class's mean image before it (``"class_mean_histogram"``)."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ from conftest import tiny_config
 
 from avalanche_drcpsd import CPSDGeneratorPlugin
 from avalanche_drcpsd.config import ConfigError
-from avalanche_drcpsd.histogram import match_histogram, pixel_histogram
+from avalanche_drcpsd.histogram import match_histogram, pixel_histogram, pixel_mean, shift_to_mean
 from avalanche_drcpsd.synthetic_cache import to_uint8
 from avalanche_drcpsd.utils import dataset_tensors
 
@@ -94,3 +95,47 @@ def test_the_histograms_are_part_of_the_plugin_state(mnist_small, one_thread):
     restored.load_state_dict(plugin.state_dict())
     assert sorted(restored.pixel_histograms) == [0, 1]
     assert all(torch.equal(restored.pixel_histograms[k], plugin.pixel_histograms[k]) for k in (0, 1))
+
+
+def test_shift_to_mean_gives_the_target_mean_image_and_keeps_each_images_differences():
+    g = torch.Generator().manual_seed(0)
+    hazy = 0.3 + 0.2 * torch.rand(32, 1, 6, 6, generator=g)  # far from both bounds: no clipping
+    target = torch.full((1, 6, 6), 0.3)
+    target[:, :, :3] = 0.55  # the real class is bright on the left and dark on the right
+    out = shift_to_mean(hazy, target)
+    assert out.shape == hazy.shape and out.dtype == hazy.dtype
+    assert torch.allclose(pixel_mean(out), target, atol=1e-6)
+    assert torch.allclose(out - out.mean(0), hazy - hazy.mean(0), atol=1e-6), "each image keeps its differences"
+    # where the shift would leave [0, 1], the pixels are clipped
+    assert shift_to_mean(torch.full((2, 1, 2, 2), 0.9), torch.ones(1, 2, 2) * 1.5 - 0.4).max() == 1.0
+    assert torch.equal(pixel_mean(to_uint8(hazy)), pixel_mean(to_uint8(hazy).float() / 255)), "uint8 reads as levels"
+
+
+def test_shift_to_mean_refuses_a_target_that_does_not_fit_the_images():
+    with pytest.raises(ValueError, match=r"\(1, 4, 4\)"):
+        shift_to_mean(torch.rand(2, 1, 4, 4), torch.rand(3, 4, 4))
+    with pytest.raises(ValueError, match="empty"):
+        pixel_mean(torch.rand(0, 1, 4, 4))
+
+
+def test_mean_matched_sets_are_shifted_to_the_class_mean_image_then_histogram_matched(mnist_small, one_thread):
+    """Two plugins trained alike: with ``class_mean_histogram`` each kept set is the histogram-only plugin's draw
+    shifted to its class's real mean image, then matched to the same histogram; it is part of the state."""
+    x0, y0 = dataset_tensors(mnist_small.train_stream[0].dataset.eval())
+    hist = CPSDGeneratorPlugin(tiny_config(n_replay_per_class=6, replay_pixel_match="class_histogram"), verbose=False)
+    mean = CPSDGeneratorPlugin(tiny_config(n_replay_per_class=6, replay_pixel_match="class_mean_histogram"),
+                               verbose=False)
+    for plugin in (hist, mean):
+        plugin.learn_classes(x0, y0)
+    assert hist.pixel_means == {} and sorted(mean.pixel_means) == [0, 1]
+    raw, y = hist.sample([0, 1], 6, seed=3)
+    x, _ = mean.match_pixels(raw, y)
+    for k in (0, 1):
+        assert torch.equal(mean.pixel_histograms[k], hist.pixel_histograms[k])
+        assert torch.allclose(mean.pixel_means[k], x0[y0 == k].float().mean(0))
+        expected = match_histogram(shift_to_mean(raw[y == k], mean.pixel_means[k]), mean.pixel_histograms[k])
+        assert torch.equal(x[y == k], expected)
+        assert not torch.equal(x[y == k], hist.match_pixels(raw, y)[0][y == k]), "the shift changes the set"
+    restored = CPSDGeneratorPlugin(tiny_config(replay_pixel_match="class_mean_histogram"), verbose=False)
+    restored.load_state_dict(mean.state_dict())
+    assert all(torch.equal(restored.pixel_means[k], mean.pixel_means[k]) for k in (0, 1))

@@ -82,7 +82,10 @@ def test_drcpsd_breakdown_sums_to_its_total_and_counts_kept_sets():
     # replay_pixel_match="class_histogram": each learned class's real pixel histogram counts with the kept sets
     strategy.generator_plugin.pixel_histograms = {0: torch.zeros(SHAPE[0], 256, dtype=torch.long)}
     assert memory_bytes(strategy, "drcpsd", SHAPE)["synthetic"] == 8 * PIXELS + SHAPE[0] * 256 * 8
-    del strategy.generator_plugin.pixel_histograms
+    # "class_mean_histogram": and its real mean image, float32
+    strategy.generator_plugin.pixel_means = {0: torch.zeros(SHAPE)}
+    assert memory_bytes(strategy, "drcpsd", SHAPE)["synthetic"] == 8 * PIXELS + SHAPE[0] * 256 * 8 + PIXELS * 4
+    del strategy.generator_plugin.pixel_histograms, strategy.generator_plugin.pixel_means
     del strategy.generator_plugin.kept  # a plugin from before kept sets existed: none counted
     assert memory_bytes(strategy, "drcpsd", SHAPE)["synthetic"] == 0
 

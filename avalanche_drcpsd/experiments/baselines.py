@@ -146,7 +146,8 @@ def memory_bytes(strategy: Any, name: str, image_shape: Sequence[int],
     * ``embeddings``: DR-CPSD's CPSD embedding buffer, every class's projected embedding plus the null one;
     * ``synthetic``: DR-CPSD's kept synthetic sets (``generator_plugin.kept``, class -> uint8 images; empty
       unless the replay sets are drawn once) and the real pixel histograms they are matched to
-      (``generator_plugin.pixel_histograms``, with ``replay_pixel_match="class_histogram"``);
+      (``generator_plugin.pixel_histograms``, with ``replay_pixel_match`` on) and mean images
+      (``generator_plugin.pixel_means``, with ``replay_pixel_match="class_mean_histogram"``);
     * ``teacher``: a copy of a previous classifier kept for distillation (parameters and buffers): LwF's and
       rehearsal+KD's previous model and DR-CPSD's old teacher (the classifier after the previous experience,
       which its replay distils; absent after a single experience).
@@ -166,7 +167,7 @@ def memory_bytes(strategy: Any, name: str, image_shape: Sequence[int],
         "generator": _module_bytes(_generator_module(strategy)),
         "embeddings": _embedding_bytes(strategy),
         "synthetic": sum(_tensor_bytes(getattr(getattr(strategy, "generator_plugin", None), part, {}).values())
-                         for part in ("kept", "pixel_histograms")),
+                         for part in ("kept", "pixel_histograms", "pixel_means")),
         "teacher": _module_bytes(_teacher_module(strategy)),
     }
     parts["total"] = sum(parts[k] for k in MEMORY_PARTS)

@@ -46,7 +46,7 @@ from ..config import DRCPSDConfig, check_device
 from ..cpsd import EmbeddingBuffer, cpsd_steps, train_cpsd_projection
 from ..generator import DiffusionGenerator, draw_guidance_scales
 from ..generator_training import DistillationSource, train_generator
-from ..histogram import match_histogram, pixel_histogram
+from ..histogram import match_histogram, pixel_histogram, pixel_mean, shift_to_mean
 from ..input_space import InputSpace
 from ..synthetic_cache import SyntheticCache, generator_identity, tensor_sha256, to_uint8
 from ..text_encoders import TextEncoder, TextEncoderError, load_text_encoder
@@ -61,8 +61,8 @@ class CPSDGeneratorPlugin(StatefulPlugin):
 
     #: the run state (:meth:`state_dict`); the generator, the embedding buffer, the replay set and ``rng`` are saved by
     #: the phase checkpoint in their own files
-    state_attributes = ("kept", "pixel_histograms", "unlearned", "input_low", "input_high", "input_source", "_exp",
-                        "_trainable")
+    state_attributes = ("kept", "pixel_histograms", "pixel_means", "unlearned", "input_low", "input_high",
+                        "input_source", "_exp", "_trainable")
 
     def __init__(
         self,
@@ -112,6 +112,9 @@ class CPSDGeneratorPlugin(StatefulPlugin):
         #: ``replay_pixel_match="class_histogram"``: each learned class's real pixel histogram (class id -> int64
         #: ``(C, 256)``, :func:`~avalanche_drcpsd.histogram.pixel_histogram`), which its drawn sets are matched to
         self.pixel_histograms: Dict[int, Tensor] = {}
+        #: ``replay_pixel_match="class_mean_histogram"``: each learned class's real mean image (class id -> float32
+        #: ``(C, H, W)``, :func:`~avalanche_drcpsd.histogram.pixel_mean`), which its drawn sets are shifted to first
+        self.pixel_means: Dict[int, Tensor] = {}
         #: ``generator_last_experience="skip"``: the classes whose generator and CPSD phases were left out
         self.unlearned: List[int] = []
         #: the input space's per-channel pixel-0 / pixel-1 values and where they came from (plain data, so a
@@ -325,24 +328,31 @@ class CPSDGeneratorPlugin(StatefulPlugin):
     def match_pixels(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
         """``replay_pixel_match="class_histogram"``: each class's images of ``x`` (pixels in [0, 1]) matched, as one
         set, to the pixel histogram of its real images (:func:`~avalanche_drcpsd.histogram.match_histogram`);
-        ``"none"``, or a class with no recorded histogram (one learned before the option was set): unchanged."""
+        ``"class_mean_histogram"``: shifted to its real mean image first
+        (:func:`~avalanche_drcpsd.histogram.shift_to_mean`). ``"none"``, or a class with no recorded statistics (one
+        learned before the option was set): unchanged."""
         if self.config.replay_pixel_match == "none":
             return x, y
         x = x.clone()
         for k in y.unique().tolist():
+            rows = y == k
+            if int(k) in self.pixel_means and self.config.replay_pixel_match == "class_mean_histogram":
+                x[rows] = shift_to_mean(x[rows], self.pixel_means[int(k)]).to(x.dtype)
             if int(k) in self.pixel_histograms:
-                rows = y == k
                 x[rows] = match_histogram(x[rows], self.pixel_histograms[int(k)]).to(x.dtype)
         return x, y
 
-    def record_pixel_histograms(self, images: Tensor, labels: Tensor, classes: Optional[Sequence[int]] = None) -> None:
-        """Record the pixel histogram of the real ``images`` (pixels in [0, 1]) of each class in ``classes`` (default:
-        every class in ``labels``) that has images here, as the one :meth:`match_pixels` matches its sets to (what
-        the generator phase does with ``replay_pixel_match="class_histogram"``)."""
+    def record_pixel_statistics(self, images: Tensor, labels: Tensor, classes: Optional[Sequence[int]] = None) -> None:
+        """Record the pixel histogram (and, with ``replay_pixel_match="class_mean_histogram"``, the mean image) of
+        the real ``images`` (pixels in [0, 1]) of each class in ``classes`` (default: every class in ``labels``)
+        that has images here, as the statistics :meth:`match_pixels` maps its sets to (what the generator phase
+        does when ``replay_pixel_match`` is on)."""
         for k in labels.unique().tolist() if classes is None else classes:
             rows = labels == k
             if rows.any():
                 self.pixel_histograms[int(k)] = pixel_histogram(images[rows])
+                if self.config.replay_pixel_match == "class_mean_histogram":
+                    self.pixel_means[int(k)] = pixel_mean(images[rows])
 
     def _kept_sets(self, classes: Sequence[int], n_per_class: int) -> Tuple[Tensor, Tensor]:
         """``replay_draw="once"``: the classes without a kept set are drawn now (from the generator as it was when
@@ -458,8 +468,8 @@ class CPSDGeneratorPlugin(StatefulPlugin):
         new = sorted(int(c) for c in new)
         if not new:
             return
-        if self.config.replay_pixel_match == "class_histogram":
-            self.record_pixel_histograms(images, labels, new)
+        if self.config.replay_pixel_match != "none":
+            self.record_pixel_statistics(images, labels, new)
         old = [k for k in self.learned_classes if k not in new]
         fresh = self.config.generator_scope == "per_experience" and bool(old) and self.trainable and not done
         if fresh:  # every old class's set comes from the generator that learned it, before it is replaced
