@@ -286,8 +286,8 @@ class DRCPSDConfig:
     #: (``rehearsal_batch_syn``; ``results/replay/README.md``, "Histogram-matched kept sets"). ``class_mean_histogram``
     #: first shifts each class's set, pixel by pixel, so that its mean image is the mean image of the class's real
     #: training images (recorded with the histogram: 4 bytes per pixel and channel, 3 KB for a 28 x 28 class), then
-    #: matches the histogram: the histogram fixes how bright the pixels are, the mean image where (the generator's
-    #: haze lies on the background). ``none`` (the reference): the sets as the generator drew them.
+    #: matches the histogram: the histogram fixes how bright the pixels are, the mean image where they are bright on
+    #: average. ``none`` (the reference): the sets as the generator drew them.
     replay_pixel_match: str = "none"
 
     # --- dream replay ---------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ its real images are at hand (the generator phase).
 
 ``replay_pixel_match="class_mean_histogram"`` shifts the set first (:func:`shift_to_mean`): every image by the
 difference between the class's real mean image and the set's own, pixel by pixel, so that the set's mean image is
-the real one (up to clipping to [0, 1]); the histogram then fixes the pixel values' distribution. The shift moves
-brightness to where the real class has it (the haze off the background, into the garment) and keeps each image's
-differences from the set's mean. A class then keeps its mean image too (``C x H x W`` float32).
+the real one (up to clipping to [0, 1]); the histogram then fixes the pixel values' distribution. The histogram
+says how bright a class's pixels are, the mean image where they are bright on average; the shift keeps each image's
+differences from its set's mean. A class then keeps its mean image too (``C x H x W`` float32).
 """
 
 from __future__ import annotations
