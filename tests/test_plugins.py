@@ -699,7 +699,6 @@ def test_split_bn_replay_runs_and_the_flat_field_is_validated(mnist_small):
         DRCPSDConfig(replay_bn="both")
 
 
-
 def test_every_rehearsal_target_joins_the_minibatch_or_is_distilled():
     from avalanche_drcpsd.config import CHOICES
     from avalanche_drcpsd.plugins.dream_replay import _REHEARSAL_DISTILS, _REHEARSAL_JOINS

@@ -350,9 +350,10 @@ class CPSDGeneratorPlugin(StatefulPlugin):
         for k in labels.unique().tolist() if classes is None else classes:
             rows = labels == k
             if rows.any():
-                self.pixel_histograms[int(k)] = pixel_histogram(images[rows])
+                class_images = images[rows]
+                self.pixel_histograms[int(k)] = pixel_histogram(class_images)
                 if self.config.replay_pixel_match == "class_mean_histogram":
-                    self.pixel_means[int(k)] = pixel_mean(images[rows])
+                    self.pixel_means[int(k)] = pixel_mean(class_images)
 
     def _kept_sets(self, classes: Sequence[int], n_per_class: int) -> Tuple[Tensor, Tensor]:
         """``replay_draw="once"``: the classes without a kept set are drawn now (from the generator as it was when
