@@ -1,13 +1,18 @@
 """Offline probe, not package code: each class's kept set mapped onto its real training images' per-pixel mean
-(``mean``) or per-pixel mean and standard deviation (``affine``), saved as a new ``_sets.pt`` for
-``benchmarks/replay_quality.py``. ``replay_pixel_match="class_mean_histogram"`` is the package's ``mean``.
+(``mean``) or per-pixel mean and standard deviation (``affine``), or onto the means of K k-means clusters of
+its real images (``clusterK``: the synthetic images are split among the clusters in the real images' proportions by
+a balanced nearest-centroid assignment, then each group is shifted onto its centroid), saved as a new ``_sets.pt``
+for ``benchmarks/replay_quality.py``. ``replay_pixel_match="class_mean_histogram"`` is the package's ``mean``.
 
-    DATA_ROOT=../shared/data python results/replay/split_fmnist/pixel_moments.py SETS.pt OUT.pt mean|affine
+    DATA_ROOT=../shared/data python results/replay/split_fmnist/pixel_moments.py SETS.pt OUT.pt mean|affine|cluster4
 """
 import os
 import sys
 
+import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../../benchmarks"))
 from generator_quality import real_sets  # noqa: E402
@@ -23,6 +28,21 @@ for k in y.unique().tolist():
     mu_s, mu_r = s.mean(0), r.mean(0)
     if mode == "mean":
         out[y == k] = (s - mu_s + mu_r).clamp(0, 1)
+    elif mode.startswith("cluster"):
+        km = KMeans(int(mode[len("cluster"):]), n_init=4, random_state=0).fit(r.flatten(1).numpy())
+        centres = torch.from_numpy(km.cluster_centers_).float()
+        share = np.bincount(km.labels_, minlength=len(centres)) / len(r)
+        slots = np.floor(share * len(s)).astype(int)
+        slots[np.argsort(-(share * len(s) - slots))[: len(s) - slots.sum()]] += 1
+        column_cluster = np.repeat(np.arange(len(centres)), slots)
+        cost = torch.cdist((s - mu_s + mu_r).flatten(1), centres).numpy()[:, column_cluster]
+        rows, cols = linear_sum_assignment(cost)
+        group = torch.from_numpy(column_cluster[cols[np.argsort(rows)]])
+        shifted = s.clone()
+        for j in range(len(centres)):
+            members = s[group == j]
+            shifted[group == j] = members - members.mean(0) + centres[j].view_as(members[0])
+        out[y == k] = shifted.clamp(0, 1)
     else:
         ratio = (r.std(0) / (s.std(0) + 1e-3)).clamp(0.25, 4.0)
         out[y == k] = (mu_r + (s - mu_s) * ratio).clamp(0, 1)
