@@ -18,6 +18,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../
 from generator_quality import real_sets  # noqa: E402
 
 src, dst, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+if mode not in ("mean", "affine") and not (mode.startswith("cluster") and mode[len("cluster"):].isdigit()):
+    raise SystemExit(f"mode {mode!r}: expected mean, affine or clusterK (e.g. cluster4)")
 sets = torch.load(src)
 real = real_sets("split_fmnist", 6000, seed=7, data_root=os.environ.get("DATA_ROOT", "../shared/data"))
 xr, yr = real["images"].float() / 255, real["labels"]
@@ -43,7 +45,7 @@ for k in y.unique().tolist():
             members = s[group == j]
             shifted[group == j] = members - members.mean(0) + centres[j].view_as(members[0])
         out[y == k] = shifted.clamp(0, 1)
-    else:
+    elif mode == "affine":
         ratio = (r.std(0) / (s.std(0) + 1e-3)).clamp(0.25, 4.0)
         out[y == k] = (mu_r + (s - mu_s) * ratio).clamp(0, 1)
     print(k, float(s.mean()), float(r.mean()), float(out[y == k].mean()))
