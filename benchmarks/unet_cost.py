@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from avalanche_drcpsd.experiments.compare import csv_list
 from avalanche_drcpsd.generator import DiffusionGenerator
 from avalanche_drcpsd.utils import atomic_write_csv
 
@@ -74,19 +75,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="results/unet_cost.csv")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--patch-sizes", default="1,2", help="comma-separated patch sizes (default: 1,2)")
-    parser.add_argument("--layers-per-block", default="1", help="comma-separated UNet layers per block (default: 1)")
+    parser.add_argument("--patch-sizes", default=[1, 2], type=lambda s: csv_list(s, int),
+                        help="comma-separated patch sizes (default: 1,2)")
+    parser.add_argument("--layers-per-block", default=[1], type=lambda s: csv_list(s, int),
+                        help="comma-separated UNet layers per block (default: 1)")
     parser.add_argument("--attention-head-dim", type=int, default=8,
                         help="the UNet's attention head dim (the package default 8; the CPU profiles use 1)")
     args = parser.parse_args(argv)
-    try:
-        patches = [int(v) for v in args.patch_sizes.split(",")]
-        layers = [int(v) for v in args.layers_per_block.split(",")]
-    except ValueError:
-        parser.error(f"--patch-sizes {args.patch_sizes!r} / --layers-per-block {args.layers_per_block!r}: expected "
-                     "comma-separated integers, e.g. 1,2")
-    bad = [v for v in patches + layers if v < 1]
-    if bad or args.attention_head_dim < 1:
+    patches, layers = args.patch_sizes, args.layers_per_block
+    if min(patches + layers) < 1 or args.attention_head_dim < 1:
         parser.error(f"patch sizes {patches}, layers per block {layers} and --attention-head-dim "
                      f"{args.attention_head_dim} must all be >= 1")
     rows = [measure(p, (32, 64, 64), args.batch, args.repeats, layers_per_block=n,

@@ -23,7 +23,7 @@ def test_one_row_per_patch_size_and_depth_with_the_model_it_names(tmp_path, one_
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--layers-per-block", "one"], "--layers-per-block 'one'.*comma-separated integers"),
+    (["--layers-per-block", "one"], "--layers-per-block: 'one': expected a comma-separated list of int"),
     (["--patch-sizes", "0"], r"patch sizes \[0\].*must all be >= 1"),
     (["--attention-head-dim", "0"], "--attention-head-dim 0 must all be >= 1"),
 ])
